@@ -1,0 +1,1 @@
+"""Discrete-event simulator that runs swarm.scheduler over a modelled network."""

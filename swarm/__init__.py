@@ -1,0 +1,1 @@
+"""vllm-swarm: BitTorrent-style weight distribution between inference instances."""
