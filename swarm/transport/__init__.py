@@ -1,0 +1,1 @@
+"""Data-plane transports: base (interface), tcp (host memory), nccl (GPU)."""

@@ -1,0 +1,93 @@
+"""The data-plane interface: how piece bytes move between two nodes.
+
+A node owns one `Transport`. The node's control loop decides *what* moves (swarm.scheduler); the
+transport moves the bytes and reports back through `Events`, from its own threads. Contract:
+
+- `open(...)` binds whatever the transport listens on and returns the parameters a peer needs to reach
+  it (they travel in the control-plane `Hello`, so set-up overlaps the handshake).
+- Leecher side: `connect(peer, params)` opens (or starts opening) a channel to a peer; `expect(peer, p)`
+  is called when a request for piece p went out, before the bytes can arrive; the transport writes the
+  piece into the local tensors only after its checksum matched, then reports `received(peer, p)`; a bad
+  or failed piece is reported as `failed(peer, p, reason)` and never touches the tensors'
+  already-verified bytes.
+- Seed side: `send(peer, p)` queues piece p for the peer; completion is reported as `sent(peer, p, ok)`.
+  `cancel(peer, p)` drops it if it has not started.
+- `on_message(peer, msg)`: control messages addressed to the transport (`Channel`, `Sent`), for
+  transports that need a side channel (an NCCL unique id, a "sending now" signal).
+- `drop(peer)` frees everything tied to one peer at once (sockets, threads, buffers, communicators), also
+  when the peer died; `close()` does that for every peer and stops listening. Both are bounded in time.
+- Every blocking operation inside a transport has a timeout; a channel that times out is dropped and
+  reported as `closed(peer, reason)`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from swarm.manifest import Manifest
+from swarm.protocol import Message
+
+
+@dataclass
+class Events:
+    """Callbacks from transport threads to the node; each must be cheap and thread-safe."""
+
+    received: Callable[[str, int], None]
+    failed: Callable[[str, int, str], None]
+    sent: Callable[[str, int, bool], None]
+    closed: Callable[[str, str], None]
+    #: Ask the node to deliver a control message to a peer (for transports with a side channel).
+    notify: Callable[[str, Message], None]
+
+
+class Transport(ABC):
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.manifest: Manifest | None = None
+        self.views: list[torch.Tensor] = []
+        self.checksums: list[str] | None = None
+        self.events: Events | None = None
+
+    def bind(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor], events: Events) -> None:
+        self.manifest = manifest
+        self.views = manifest.byte_views(tensors)
+        self.events = events
+
+    def set_checksums(self, checksums: Sequence[str]) -> None:
+        """The expected checksum of every piece; received pieces are verified against them."""
+        self.checksums = list(checksums)
+
+    @abstractmethod
+    def open(self, host: str) -> dict[str, Any]:
+        """Start listening on `host`; return the parameters peers need (sent in Hello.data)."""
+
+    @abstractmethod
+    def connect(self, peer: str, params: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    def expect(self, peer: str, piece: int) -> None: ...
+
+    @abstractmethod
+    def send(self, peer: str, piece: int) -> None: ...
+
+    @abstractmethod
+    def cancel(self, peer: str, piece: int) -> None: ...
+
+    def on_message(self, peer: str, msg: Message) -> None:
+        """Control messages for the transport; the default transport needs none."""
+        return None
+
+    @abstractmethod
+    def drop(self, peer: str) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        return {}
