@@ -400,8 +400,8 @@ class Node:
             log.warning("no cluster token (SWARM_TOKEN): this swarm is open to anyone on the LAN")
         bind = self.config.host or "0.0.0.0"
         if self.config.interface and not self.config.host:
-            bind = discovery.pick_host(self.config.interface)
-        self.addresses = _own_addresses(bind, self.config.interface)
+            bind = _interface_address(self.config.interface)
+        self.addresses = _own_addresses(bind)
         self.host = self.addresses[0]
         self.transport.bind(self.manifest, self.tensors, self._transport_events())
         self.transport.peer_id = self.id  # type: ignore[attr-defined]
@@ -948,13 +948,14 @@ class Node:
     def _discover(self) -> None:
         if self._browser is None:
             return
+        from swarm import discovery
+
         for ad in self._browser.peers():
             if ad.instance_id == self.id or ad.instance_id in self._peers:
                 continue
-            hosts = list(ad.addresses) or [ad.host]
-            for host in hosts[:1]:
-                if host:
-                    self._candidates.setdefault((host, ad.control_port), ad.instance_id)
+            host = ad.host or discovery.pick_host(list(ad.addresses))
+            if host:
+                self._candidates.setdefault((host, ad.control_port), ad.instance_id)
 
     def _dial_candidates(self, now: float) -> None:
         assert self._ctx is not None
@@ -1126,15 +1127,28 @@ def _has_channel(transport: Transport, peer: str) -> bool:
     return bool(check(peer)) if check is not None else True
 
 
-def _own_addresses(bind: str, interface: str | None) -> list[str]:
-    """Addresses peers can reach this node at: the bind address, or every usable local address."""
+def _own_addresses(bind: str) -> list[str]:
+    """Addresses peers can reach this node at: the bind address, or every usable local IPv4 address."""
     if bind not in ("0.0.0.0", "::"):
         return [bind]
     from swarm import discovery
 
-    addrs = [str(a) for iface in discovery.local_interfaces() for a in iface.addresses]
-    ordered = [a for a in addrs if not a.startswith("127.") and ":" not in a] + ["127.0.0.1"]
+    addrs = [str(a.ip) for i in discovery.local_interfaces() if i.up for a in i.addresses if a.version == 4]
+    ordered = [a for a in addrs if not a.startswith(("127.", "169.254."))] + ["127.0.0.1"]
     return list(dict.fromkeys(ordered))
+
+
+def _interface_address(interface: str) -> str:
+    """The IPv4 address to bind for SWARM_INTERFACE (a name such as eth0, or an address)."""
+    from swarm import discovery
+
+    interfaces = discovery.local_interfaces()
+    for iface in interfaces:
+        for a in iface.addresses:
+            if str(a.ip) == interface or (iface.name == interface and a.version == 4):
+                return str(a.ip)
+    names = ", ".join(f"{i.name} ({', '.join(str(a.ip) for a in i.addresses)})" for i in interfaces)
+    raise ConfigError(f"no IPv4 address on interface {interface!r}", hint=f"available: {names or 'none'}")
 
 
 def _make_transport(config: NodeConfig) -> Transport:
