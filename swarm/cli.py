@@ -218,9 +218,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
     import torch
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from swarm.node import Node, parse_size
     from swarm.synthetic import synthetic_key, synthetic_tensors
