@@ -24,8 +24,10 @@ Limits
 * An advert is a hint, not a credential: anything on the LAN can advertise anything. The node must check
   key and manifest in its hello (authenticated when a cluster token is set).
 * A node that dies without a clean ``close()`` sends no goodbye; browsers forget it only when its
-  records expire (``ttl``, default :data:`DEFAULT_TTL` seconds). The node must not rely on the browser
-  for liveness.
+  SRV record expires: ``ttl`` (default :data:`DEFAULT_TTL` s) after its last answer, plus up to a
+  second. (The Browser re-queries a known node's SRV record from half its TTL on, because zeroconf
+  itself refreshes only PTR records, which it keeps at least 1125 s.) The node must not rely on the
+  browser for liveness.
 * The advertised addresses are read once, at ``start()``; interfaces that appear later are not added.
 * Each Advertiser and Browser owns one ``Zeroconf`` instance (one event-loop thread, shared port 5353
   with SO_REUSEPORT) and a Browser owns two more threads (zeroconf's browser thread and a resolver).
@@ -63,7 +65,11 @@ from zeroconf import (
     ServiceInfo,
     ServiceStateChange,
     Zeroconf,
+    current_time_millis,
 )
+from zeroconf._dns import DNSQuestion  # the SRV refresh query (see _check_liveness)
+from zeroconf._protocol.outgoing import DNSOutgoing
+from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -466,6 +472,35 @@ async def _update(zc: Zeroconf, info: ServiceInfo) -> None:
     await zc.async_update_service(info)
 
 
+async def _check_liveness(zc: Zeroconf, names: list[str], last_query: dict[str, float]) -> list[str]:
+    """On zeroconf's loop (its cache is not thread-safe): which of ``names`` have expired.
+
+    Liveness follows the SRV record (host TTL): zeroconf keeps received PTR records at least 1125 s
+    and refreshes only those, so a node that dies without a goodbye would linger for about 20 min.
+    Here an SRV record past half its TTL is re-queried (at most every TTL/10 s, 1..10 s), so a live
+    node's answer refreshes it, and a name whose SRV records have all expired is reported.
+    """
+    now = current_time_millis()
+    expired = []
+    query = DNSOutgoing(_FLAGS_QR_QUERY)
+    for name in names:
+        records = [
+            r for r in zc.cache.async_all_by_details(name, _TYPE_SRV, _CLASS_IN) if not r.is_expired(now)
+        ]
+        if not records:
+            expired.append(name)
+            last_query.pop(name, None)
+            continue
+        newest = max(records, key=lambda r: r.created + r.ttl * 1000)
+        interval_ms = min(max(newest.ttl * 100, 1000), 10_000)
+        if newest.is_stale(now) and now - last_query.get(name, 0.0) >= interval_ms:
+            query.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+            last_query[name] = now
+    if query.questions:
+        zc.async_send(query)
+    return expired
+
+
 async def _withdraw(zc: Zeroconf, info: ServiceInfo) -> None:
     broadcast = await zc.async_unregister_service(info)
     await broadcast  # all goodbye packets sent
@@ -633,6 +668,7 @@ class Browser:
 
     RETRY_INTERVAL = 1.0
     MAX_RETRIES = 10
+    EXPIRY_CHECK_INTERVAL = 1.0
 
     def __init__(
         self,
@@ -650,6 +686,7 @@ class Browser:
         self._peers: dict[str, Advert] = {}
         self._retry_at: dict[str, float] = {}  # unresolved name -> when to try again
         self._attempts: dict[str, int] = {}
+        self._last_query: dict[str, float] = {}  # used on zeroconf's loop only
         self._events: queue.SimpleQueue[tuple[str, ServiceStateChange] | None] = queue.SimpleQueue()
         self._generation = 0
         self._closed = False
@@ -698,6 +735,7 @@ class Browser:
         self._events.put((name, state_change))
 
     def _run(self) -> None:
+        next_expiry_check = time.monotonic() + self.EXPIRY_CHECK_INTERVAL
         try:
             while not self._closed:
                 now = time.monotonic()
@@ -721,9 +759,29 @@ class Browser:
                     if self._closed:
                         return
                     self._resolve(pending)
+                if now >= next_expiry_check:
+                    next_expiry_check = now + self.EXPIRY_CHECK_INTERVAL
+                    self._drop_expired()
         except Exception:  # a dying background thread must say why
             log.exception("discovery resolver thread failed; browsing stopped")
             raise
+
+    def _drop_expired(self) -> None:
+        # A node gone without goodbye: see _check_liveness (zeroconf alone would keep it ~20 min).
+        with self._cond:
+            names = list(self._peers)
+        if not names or self._zc is None:
+            return
+        try:
+            expired = _run_on_loop(
+                self._zc, _check_liveness(self._zc, names, self._last_query), 1.0, "mDNS liveness check"
+            )
+        except DiscoveryError as exc:
+            log.debug("%s", exc)
+            return
+        for name in expired:
+            log.info("advert %s expired (its node left without a goodbye)", name)
+            self._set(name, None)
 
     def _resolve(self, name: str) -> None:
         zc = self._zc
