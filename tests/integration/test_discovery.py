@@ -21,8 +21,8 @@ import pytest
 
 from swarm.discovery import (
     Advert,
-    Advertiser,
     AdvertError,
+    Advertiser,
     Browser,
     DiscoveryError,
     InterfaceError,
@@ -124,7 +124,7 @@ def test_name_conflict_is_detected(key: str) -> None:
 def test_unknown_interface_names_the_available_ones(key: str) -> None:
     with pytest.raises(InterfaceError, match=r"no-such-if0.*available: .*lo \(127\.0\.0\.1"):
         Browser(key_digest=key, interface="no-such-if0")
-    with pytest.raises(InterfaceError, match="192.0.2.254"):
+    with pytest.raises(InterfaceError, match=r"192\.0\.2\.254"):
         Advertiser(make_advert(key), interface="192.0.2.254").start()
 
 
