@@ -337,6 +337,21 @@ def local_interfaces() -> list[LocalInterface]:
     return result
 
 
+VIRTUAL_INTERFACE_PREFIXES = (
+    "docker",
+    "br-",
+    "veth",
+    "virbr",
+    "lxcbr",
+    "lxdbr",
+    "podman",
+    "cni",
+    "kube-ipvs",
+)
+"""Interfaces not advertised by default: container/VM bridges whose addresses repeat on every host
+(every docker0 is 172.17.0.1), so a peer would connect to itself. Name the interface to use one."""
+
+
 def _usable(addr: IPAddress) -> bool:
     """An address worth advertising to other hosts."""
     return not (addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified)
@@ -350,6 +365,7 @@ class _Selection:
     advertise: tuple[str, ...]
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     label: str
+    own: frozenset[str] = frozenset()
 
 
 def _describe(ifaces: Sequence[LocalInterface]) -> str:
@@ -358,13 +374,14 @@ def _describe(ifaces: Sequence[LocalInterface]) -> str:
 
 def _select(interface: str | None) -> _Selection:
     ifaces = local_interfaces()
+    own = frozenset(str(a.ip) for i in ifaces for a in i.addresses)
     if interface is None:
-        up = [i for i in ifaces if i.up]
+        up = [i for i in ifaces if i.up and not i.name.startswith(VIRTUAL_INTERFACE_PREFIXES)]
         usable = [a for i in up for a in i.addresses if _usable(a.ip)]
         usable.sort(key=lambda a: a.version)  # IPv4 first
         advertise = tuple(str(a.ip) for a in usable[:MAX_ADVERTISED_ADDRESSES]) or ("127.0.0.1",)
         networks = tuple(a.network for i in up for a in i.addresses)
-        return _Selection(InterfaceChoice.All, advertise, networks, "all interfaces")
+        return _Selection(InterfaceChoice.All, advertise, networks, "all interfaces", own)
     try:
         wanted: IPAddress | None = ipaddress.ip_address(interface.split("%")[0])
     except ValueError:
@@ -391,7 +408,7 @@ def _select(interface: str | None) -> _Selection:
             )
         advertise = tuple(str(a.ip) for a in sorted(chosen, key=lambda a: a.version))
         networks = tuple(a.network for a in iface.addresses)
-        return _Selection(v4, advertise[:MAX_ADVERTISED_ADDRESSES], networks, f"interface {interface}")
+        return _Selection(v4, advertise[:MAX_ADVERTISED_ADDRESSES], networks, f"interface {interface}", own)
     raise InterfaceError(
         f"no network interface named or addressed {interface!r}; available: {_describe(ifaces)}"
     )
@@ -410,14 +427,17 @@ def _open_zeroconf(selection: _Selection) -> Zeroconf:
 def rank_addresses(
     addresses: Sequence[str],
     local_networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    own: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Order a peer's addresses by how likely they are to work from here; best first.
 
     IPv4 on one of our subnets, then IPv6 on one of our subnets, other routable IPv4, other IPv6,
     link-local, loopback (loopback only works for a peer on this very host, and is all there is when
-    everything runs on ``lo``). Unparseable entries are dropped.
+    everything runs on ``lo``). Addresses that are also ours (``own``) come after all others: for a
+    peer on another host they are a copy of ours (a container bridge), for a peer on this host every
+    address is ours and the order among them stays. Unparseable entries are dropped.
     """
-    scored: list[tuple[int, int, str]] = []
+    scored: list[tuple[bool, int, int, str]] = []
     for index, text in enumerate(addresses):
         try:
             ip = ipaddress.ip_address(text.split("%")[0])
@@ -432,16 +452,17 @@ def rank_addresses(
             score = 0 if ip.version == 4 else 1
         else:
             score = 2 if ip.version == 4 else 3
-        scored.append((score, index, text))
-    return [text for _, _, text in sorted(scored)]
+        scored.append((str(ip) in own, score, index, text))
+    return [text for *_, text in sorted(scored)]
 
 
 def pick_host(
     addresses: Sequence[str],
     local_networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    own: frozenset[str] = frozenset(),
 ) -> str:
     """The best of a peer's addresses as seen from here (see :func:`rank_addresses`); "" if none."""
-    ranked = rank_addresses(addresses, local_networks)
+    ranked = rank_addresses(addresses, local_networks, own)
     return ranked[0] if ranked else ""
 
 
@@ -695,6 +716,7 @@ class Browser:
         self._worker: threading.Thread | None = None
         selection = _select(interface)
         self._networks = selection.networks
+        self._own = selection.own
         try:
             self._zc = _open_zeroconf(selection)
             self._worker = threading.Thread(target=self._run, name="swarm-discovery-resolver", daemon=True)
@@ -807,7 +829,7 @@ class Browser:
             return
         self._retry_at.pop(name, None)
         self._attempts.pop(name, None)
-        addresses = rank_addresses(info.parsed_scoped_addresses(IPVersion.All), self._networks)
+        addresses = rank_addresses(info.parsed_scoped_addresses(IPVersion.All), self._networks, self._own)
         try:
             advert = Advert.from_txt(
                 instance_id,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import netns
+import netns  # tests/lan is on sys.path (see conftest.py)
 import pytest
-from conftest import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 AGENT = str(REPO_ROOT / "tests" / "lan" / "disco_agent.py")
 TIMEOUT = 15.0  # generous bound for CI; the steps take well under a second each here

@@ -200,6 +200,13 @@ def test_rank_addresses() -> None:
         "fe80::1%eth0",
         "127.0.0.1",
     ]
+    # a peer's copy of one of our addresses (every docker0 is 172.17.0.1) comes after the others
+    docker = [ipaddress.ip_network("172.17.0.0/16")]
+    assert pick_host(["172.17.0.1", "10.1.0.7"], docker, frozenset({"172.17.0.1"})) == "10.1.0.7"
+    assert rank_addresses(["127.0.0.1", "10.1.0.7"], nets, frozenset({"10.1.0.7", "127.0.0.1"})) == [
+        "10.1.0.7",
+        "127.0.0.1",
+    ]
     assert pick_host(["127.0.0.1"]) == "127.0.0.1"
     assert pick_host([]) == ""
     assert pick_host(["2001:db8::1", "10.0.0.1"]) == "10.0.0.1"
