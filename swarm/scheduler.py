@@ -53,13 +53,15 @@ Rule 9 (upload admission): an upload request for a piece this node does not hold
 (``"not_held"``); otherwise it is served at once while fewer than ``max_uploads`` uploads run, queued
 while fewer than ``max_upload_queue`` wait, and refused (``"busy"``) beyond that. See `ADMISSION`.
 
-Rule 10 (upload order): when a slot frees, the queued request to serve next is the one whose piece the
-swarm (as seen through haves and bitfields, counting pieces this node has just sent) holds least,
-preferring pieces not already being uploaded by this node, oldest request first among equals. This is
-what makes a full seed hand out *different* pieces to its leechers, so that they can trade, rather than
-the same piece to everyone. It applies to every node (a leecher's freshest pieces are usually the
-swarm's rarest, so serving them first speeds their spread). Against starvation, a request that has
-waited more than ``request_timeout_s / 2`` is served first.
+Rule 10 (upload order): requests from peers that this node is not uploading to yet come first (so
+that the slots are spread over the peers that asked: one receiver cannot take every slot while others
+wait, which would leave the uploader's link throttled by that one receiver's downlink). Among those, a
+leecher serves first come, first served, and a full seed serves the queued request whose piece the swarm (as seen through haves and bitfields, counting pieces this node
+has just sent) holds least, preferring pieces it is not already uploading, oldest first among equals:
+this is what makes a seed hand out *different* pieces to its leechers, so that they can trade, rather
+than the same piece to everyone. Against starvation, a request that has seen more than
+``seed_max_overtakes`` uploads start since it was queued is served next. (Leechers stay FIFO: applying
+the same preference there starved the requests of nodes that lag behind, in the simulator.)
 
 Rule 11: a leecher serves every piece it holds as soon as it holds it (`piece_received` makes the
 piece servable; there is no choking: the swarm is cooperative).
@@ -93,8 +95,8 @@ Additions to the API the node was written against (all optional to use): `PeerSt
 connection's timer), `wants_tick` (a `tick` now could return decisions), `has`, `held_count`,
 `have_mask` and `peer_bitfield_mask` (bitfields as the bits of an int), `in_endgame`, `availability`,
 `peers`, `num_pieces`, `FAILURE_RULES`, `ADMISSION`, `PIECE_TRANSITIONS`, and the config fields
-``pipeline_window_s``, ``timeout_factor``, ``refuse_backoff_s``, ``endgame_duplicates``
-and ``rate_decay``. `piece_failed` and `upload_cancelled` return nothing (as agreed); the decisions
+``pipeline_window_s``, ``timeout_factor``, ``refuse_backoff_s``, ``endgame_duplicates``,
+``seed_max_overtakes`` and ``rate_decay``. `piece_failed` and `upload_cancelled` return nothing (as agreed); the decisions
 they cause (cancelling an excluded peer's requests, serving the next queued upload) come out of the
 next `tick`, and `wants_tick` is true until then. Events about peers never joined are handled as if the
 peer had joined first (a have can race a join on the wire); a piece index out of range raises
@@ -134,15 +136,24 @@ class SchedulerConfig:
     #: link). More slots mean every piece takes longer to cross one hop, which slows the spread of new
     #: pieces through the swarm.
     max_uploads: int = 4
+    #: Concurrent uploads once this node is complete. A seed's egress is the swarm's scarcest resource
+    #: (every piece must leave a seed once), and each of its uploads competes for its receiver's
+    #: downlink with that receiver's other downloads; twice the slots keep the seed's link full when
+    #: its receivers are busy, at the price of each seed upload taking longer.
+    seed_max_uploads: int = 8
     #: Queued upload requests beyond the running ones; past this, requests are refused ("busy"). Large
     #: enough to hold a full pipeline from every peer of a bounded peer set, so refusals stay rare.
-    max_upload_queue: int = 256
+    max_upload_queue: int = 8
     #: Requests in flight per peer (rule 4). Two hide one round trip; 16 caps what a peer that vanishes
     #: can hold hostage.
-    min_pipeline: int = 2
+    min_pipeline: int = 1
     max_pipeline: int = 16
+    #: Requests outstanding over all peers together. A node's downlink is shared by every piece that
+    #: flows to it at once; many at once make each piece arrive late, which slows the spread of new
+    #: pieces through the swarm (each hop takes longer) without adding throughput.
+    max_requests: int = 8
     #: Keep about this much time's worth of data requested from each peer at its measured rate.
-    pipeline_window_s: float = 0.002
+    pipeline_window_s: float = 0.0005
     #: Floor of the request timeout (rule 7): generous, because connection errors are reported at once
     #: by the transport; this only catches a peer that silently stopped.
     request_timeout_s: float = 10.0
@@ -151,10 +162,13 @@ class SchedulerConfig:
     #: Counted failures (bad checksum, timeout, error) tolerated per peer before it is excluded.
     max_failures_per_peer: int = 3
     #: After a "busy" refusal, ask that peer nothing for this long.
-    refuse_backoff_s: float = 0.01
+    refuse_backoff_s: float = 0.0003
     #: Endgame (rule 8) and how many extra requests one piece may have outstanding in it.
     endgame: bool = True
     endgame_duplicates: int = 1
+    #: A full seed serves the queued request whose piece the swarm holds least (rule 10), but a request
+    #: that has seen this many uploads start since it was queued is served next (no starvation).
+    seed_max_overtakes: int = 16
     #: Weight kept by the rate estimator's sums at each new sample (rule 5).
     rate_decay: float = 0.75
 
@@ -373,6 +387,10 @@ class _Peer:
         return self.rate_bytes / self.rate_time if self.rate_time > 0 else None
 
 
+def _by_speed(q: _Peer) -> float:
+    return -q.rate_bytes / q.rate_time if q.rate_time > 0 else 0.0
+
+
 # --- the scheduler ----------------------------------------------------------------------------------
 
 
@@ -405,22 +423,26 @@ class Scheduler:
         self._held_n = held.bit_count()
         self._wanted = self._full & ~held
         self._inflight = 0
-        self._requesters: dict[int, set[PeerId]] = {}  # in-flight piece -> peers asked
+        self._requesters: dict[int, dict[PeerId, None]] = {}  # in-flight piece -> peers asked, in order
         self._avail: list[int] = []  # bit-sliced holder counts (live, non-excluded peers; minus bad)
         self._peers: dict[PeerId, _Peer] = {}
-        self._want: set[PeerId] = set()
+        self._want: dict[PeerId, None] = {}  # insertion-ordered: deterministic
+        self._outstanding = 0  # requests outstanding, all peers together
         self._endgame = False
         self._pending: list[Decision] = []
         self._timeouts: list[tuple[float, PeerId, int, float]] = []  # (deadline, peer, piece, requested)
         self._backoffs: list[tuple[float, PeerId]] = []
         self._have_cache: frozenset[int] | None = None
         # upload side
-        self._queue: dict[tuple[PeerId, int], float] = {}  # (peer, piece) -> time queued, FIFO order
+        self._queue: dict[tuple[PeerId, int], int] = {}  # (peer, piece) -> serves before it, FIFO order
+        self._serves = 0  # uploads started so far
+        self._sent_mask = 0  # pieces this node has started to upload at least once
         self._queued_count: dict[int, int] = {}
         self._queued_mask = 0
         self._serving: set[tuple[PeerId, int]] = set()
         self._serving_count: dict[int, int] = {}
         self._serving_mask = 0
+        self._serving_peers: dict[PeerId, int] = {}  # peer -> uploads running to it
 
     # --- queries -------------------------------------------------------------------------------------
 
@@ -497,8 +519,8 @@ class Scheduler:
         """True when `tick` at the current time may return decisions (new requests, serves, pending)."""
         return bool(
             self._pending
-            or (self._want and self._held != self._full)
-            or (self._queue and len(self._serving) < self.config.max_uploads)
+            or (self._want and self._held != self._full and self._outstanding < self.config.max_requests)
+            or (self._queue and len(self._serving) < self._slots())
         )
 
     def next_timeout(self) -> float | None:
@@ -531,7 +553,7 @@ class Scheduler:
             for piece in list(q.requests):
                 self._end_request(q, piece)
                 out.append(Cancel(peer, piece))
-            self._want.discard(peer)
+            self._want.pop(peer, None)
         # upload side: drop its queue and running uploads
         for key in [key for key in self._queue if key[0] == peer]:
             self._unqueue(key)
@@ -560,16 +582,22 @@ class Scheduler:
         self._maybe_want(q, mask)
 
     def peer_have(self, peer: PeerId, piece: int, now: float) -> None:
+        # the hot path of a large swarm (every piece, every peer): kept flat on purpose
         if not 0 <= piece < self._k:
             self._check_piece(piece)
-        q = self._peer(peer)
+        q = self._peers.get(peer)
+        if q is None:
+            q = self._peer(peer)
         bit = 1 << piece
-        if q.mask & bit:
+        mask = q.mask
+        if mask & bit:
             return
-        q.mask |= bit
-        if not q.excluded and not q.bad & bit:
-            _counter_add(self._avail, bit)
-            self._maybe_want(q, bit)
+        q.mask = mask | bit
+        if q.excluded or q.bad & bit:
+            return
+        _counter_add(self._avail, bit)
+        if (self._wanted & bit or (self._endgame and self._inflight & bit)) and len(q.requests) < q.depth:
+            self._want[peer] = None
 
     # --- download side -------------------------------------------------------------------------------
 
@@ -581,6 +609,7 @@ class Scheduler:
         if q is not None:
             t_req = q.requests.pop(piece, None)
             if t_req is not None:
+                self._outstanding -= 1
                 q.req_mask &= ~bit
                 size = self._sizes[piece]
                 q.bytes_received += size
@@ -592,7 +621,7 @@ class Scheduler:
                 q.last_receive = now
                 q.depth = self._depth_for(q)
                 if not q.excluded:
-                    self._want.add(peer)
+                    self._want[peer] = None
             if not q.mask & bit:  # it evidently holds it
                 self.peer_have(peer, piece, now)
         out: list[Decision] = []
@@ -601,13 +630,14 @@ class Scheduler:
             return out
         requesters = self._requesters.pop(piece, None)
         if requesters:
-            requesters.discard(peer)
+            requesters.pop(peer, None)
             for other in requesters:
                 o = self._peers[other]
                 del o.requests[piece]
+                self._outstanding -= 1
                 o.req_mask &= ~bit
                 if not o.excluded:
-                    self._want.add(other)
+                    self._want[other] = None
                 out.append(Cancel(other, piece))
         self._move(piece, "received")
         self._held |= bit
@@ -639,9 +669,10 @@ class Scheduler:
             self._fill(now, out)
             if self.config.endgame and not self._wanted and self._inflight and not self._endgame:
                 self._endgame = True
-                self._want.update(p for p, q in self._peers.items() if not q.excluded)
+                self._want.update((p, None) for p, q in self._peers.items() if not q.excluded)
                 self._fill(now, out)
-        self._want.clear()
+        else:
+            self._want.clear()
         return out
 
     # --- upload side ---------------------------------------------------------------------------------
@@ -656,7 +687,7 @@ class Scheduler:
         outcome = ADMISSION[
             (
                 held,
-                len(self._serving) < self.config.max_uploads,
+                len(self._serving) < self._slots(),
                 len(self._queue) < self.config.max_upload_queue,
             )
         ]
@@ -664,7 +695,7 @@ class Scheduler:
             self._serve(key)
             out.append(Serve(peer, piece))
         elif outcome == QUEUE:
-            self._queue[key] = now
+            self._queue[key] = self._serves
             c = self._queued_count.get(piece, 0)
             self._queued_count[piece] = c + 1
             if not c:
@@ -725,7 +756,7 @@ class Scheduler:
             # every holder that can take a request may now be asked for it
             for q in self._peers.values():
                 if q.mask & bit and not q.excluded and not q.bad & bit:
-                    self._want.add(q.id)
+                    self._want[q.id] = None
         elif new is REQUESTED:
             self._inflight |= bit
 
@@ -739,8 +770,11 @@ class Scheduler:
         """Put `q` in the want set if it has a free pipeline slot and now holds something to ask for."""
         if q.excluded or self._held == self._full or len(q.requests) >= q.depth:
             return
+        if self._outstanding >= self.config.max_requests and q.id not in self._want:
+            self._want[q.id] = None  # no request is possible now; remember it for later
+            return
         if mask & (self._wanted | (self._inflight if self._endgame else 0)) & ~q.bad:
-            self._want.add(q.id)
+            self._want[q.id] = None
 
     def _depth_for(self, q: _Peer) -> int:
         c = self.config
@@ -754,21 +788,23 @@ class Scheduler:
 
     def _fill(self, now: float, out: list[Decision]) -> None:
         peers = self._peers
-        if len(self._want) == 1:
-            order = [peers[p] for p in self._want if p in peers]
-        else:
-            order = sorted(
-                (peers[p] for p in self._want if p in peers),
-                key=lambda q: (-(q.rate or 0.0), q.id),
-            )
+        order = [peers[p] for p in self._want if p in peers]
+        if len(order) > 1:
+            order.sort(key=_by_speed)  # fastest first (rule 5); stable, so ties stay in arrival order
+        cap = self.config.max_requests
+        keep: dict[PeerId, None] = {}
         for q in order:
             if q.excluded or q.backoff_until > now:
                 continue
             while len(q.requests) < q.depth:
+                if self._outstanding >= cap:
+                    keep[q.id] = None  # ask it again when a request of ours ends
+                    break
                 piece = self._pick(q)
                 if piece < 0:
                     break
                 self._request(q, piece, now, out)
+        self._want = keep
 
     def _pick(self, q: _Peer) -> int:
         """Rule 3 (or rule 8 in endgame): the piece to ask `q` for next, or -1."""
@@ -795,12 +831,13 @@ class Scheduler:
         self._move(piece, "request")
         bit = 1 << piece
         q.requests[piece] = now
+        self._outstanding += 1
         q.req_mask |= bit
         r = self._requesters.get(piece)
         if r is None:
-            self._requesters[piece] = {q.id}
+            self._requesters[piece] = {q.id: None}
         else:
-            r.add(q.id)
+            r[q.id] = None
         heapq.heappush(self._timeouts, (now + self._timeout_for(q, piece), q.id, piece, now))
         out.append(Request(q.id, piece))
 
@@ -814,14 +851,15 @@ class Scheduler:
     def _end_request(self, q: _Peer, piece: int) -> None:
         """A request of `q` for `piece` ended without the piece (failure, cancel, peer gone)."""
         del q.requests[piece]
+        self._outstanding -= 1
         q.req_mask &= ~(1 << piece)
         r = self._requesters.get(piece)
         if r is not None:
-            r.discard(q.id)
+            r.pop(q.id, None)
             if not r:
                 del self._requesters[piece]
         if not q.excluded:
-            self._want.add(q.id)
+            self._want[q.id] = None
         if not self._held & (1 << piece):
             self._move(piece, "ended" if r else "ended_last")
 
@@ -842,11 +880,11 @@ class Scheduler:
     def _exclude(self, q: _Peer) -> None:
         _counter_sub(self._avail, q.mask & ~q.bad)
         q.excluded = True
-        self._want.discard(q.id)
+        self._want.pop(q.id, None)
         for piece in list(q.requests):
             self._end_request(q, piece)
             self._pending.append(Cancel(q.id, piece))
-        self._want.discard(q.id)
+        self._want.pop(q.id, None)
 
     def _expire(self, now: float, out: list[Decision]) -> None:
         tq = self._timeouts
@@ -867,12 +905,19 @@ class Scheduler:
             _, peer = heapq.heappop(bq)
             q = self._peers.get(peer)
             if q is not None and not q.excluded and q.backoff_until <= now:
-                self._want.add(peer)
+                self._want[peer] = None
 
     # --- internals: uploads ----------------------------------------------------------------------------
 
+    def _slots(self) -> int:
+        c = self.config
+        return c.seed_max_uploads if self._held == self._full else c.max_uploads
+
     def _serve(self, key: tuple[PeerId, int]) -> None:
+        self._serves += 1
+        self._sent_mask |= 1 << key[1]
         self._serving.add(key)
+        self._serving_peers[key[0]] = self._serving_peers.get(key[0], 0) + 1
         piece = key[1]
         c = self._serving_count.get(piece, 0)
         self._serving_count[piece] = c + 1
@@ -881,6 +926,11 @@ class Scheduler:
 
     def _unserve(self, key: tuple[PeerId, int]) -> None:
         self._serving.discard(key)
+        n = self._serving_peers[key[0]] - 1
+        if n:
+            self._serving_peers[key[0]] = n
+        else:
+            del self._serving_peers[key[0]]
         piece = key[1]
         c = self._serving_count[piece] - 1
         if c:
@@ -900,7 +950,7 @@ class Scheduler:
             self._queued_mask &= ~(1 << piece)
 
     def _serve_free_slots(self, now: float, out: list[Decision]) -> None:
-        while self._queue and len(self._serving) < self.config.max_uploads:
+        while self._queue and len(self._serving) < self._slots():
             key = self._next_queued(now)
             self._unqueue(key)
             self._serve(key)
@@ -909,12 +959,22 @@ class Scheduler:
     def _next_queued(self, now: float) -> tuple[PeerId, int]:
         """Rule 10: which queued upload request to serve next."""
         queue = self._queue
-        first, t0 = next(iter(queue.items()))
-        if len(queue) == 1 or now - t0 > self.config.request_timeout_s / 2:
+        busy = self._serving_peers
+        if len(queue) == 1:
+            return next(iter(queue))
+        # requests of peers this node is not uploading to yet come first
+        eligible = [key for key in queue if key[0] not in busy] if busy else list(queue)
+        if not eligible:
+            eligible = list(queue)
+        first = eligible[0]
+        if self._held != self._full or self._serves - queue[first] > self.config.seed_max_overtakes:
             return first
-        cand = self._queued_mask & ~self._serving_mask or self._queued_mask
-        best = _counter_min(self._avail, cand)
-        for key in queue:
+        pieces = 0
+        for key in eligible:
+            pieces |= 1 << key[1]
+        pieces = pieces & ~self._sent_mask or pieces  # never sent by this node: new to the swarm
+        best = _counter_min(self._avail, pieces & ~self._serving_mask or pieces)
+        for key in eligible:
             if (best >> key[1]) & 1:
                 return key
-        raise AssertionError("queued mask out of step with the queue")  # pragma: no cover
+        raise AssertionError("unreachable: best is a subset of the eligible pieces")  # pragma: no cover
