@@ -65,6 +65,7 @@ class _Node:
         "arrive",
         "done_at",
         "down",
+        "down_sum",
         "downs",
         "fail_at",
         "graph",
@@ -74,7 +75,6 @@ class _Node:
         "peers",
         "present",
         "sched",
-        "down_sum",
         "up",
         "up_sum",
         "ups",
@@ -132,9 +132,7 @@ class SwarmSim:
         k = len(self.sizes)
         self.nodes: list[_Node] = []
         for i, spec in enumerate(sc.nodes):
-            s = Scheduler(
-                self.sizes, range(k) if spec.seed else (), seed=seed * 1_000_003 + i, config=config
-            )
+            s = Scheduler(self.sizes, range(k) if spec.seed else (), seed=seed * 1_000_003 + i, config=config)
             n = _Node(i, s, spec.up, spec.down, spec.arrive)
             n.fail_at = spec.fail_at
             self.nodes.append(n)
