@@ -30,9 +30,11 @@ rarest pieces and the most requests.
 Rule 5 (rates): the rate of a peer is measured from this node's own `piece_received` calls. Each piece's
 *service time* is ``now - max(request time, previous receive from that peer)`` (the time the peer spent
 on that piece alone: pieces that were queued behind earlier ones are not charged their queueing twice).
-``rate = sum(bytes) / sum(service time)`` with both sums decayed by ``rate_decay`` per sample, which
-handles a peer that sends several pieces at once (they complete together: one long service time, then
-near-zero ones, and the ratio is still the link's rate).
+``rate = sum(bytes) / sum(service time)``, both sums decayed by ``exp(-service time / horizon)`` at each
+sample, the horizon being ``rate_window`` pieces' worth of time at the current estimate. Decaying by
+time, not per sample, keeps the estimate right when a peer sends several pieces at once: they complete
+together, one long service time and then near-zero ones, and the ratio is still the link's rate. A
+peer not measured yet sorts before measured ones (it gets a chance to show its rate).
 
 Rule 6 (failures): `piece_failed` reasons are treated as in `FAILURE_RULES`: ``bad_checksum``,
 ``timeout`` and ``error`` count against the peer and exclude it *for that piece*; ``refused`` (the peer
@@ -96,7 +98,7 @@ connection's timer), `wants_tick` (a `tick` now could return decisions), `has`, 
 `have_mask` and `peer_bitfield_mask` (bitfields as the bits of an int), `in_endgame`, `availability`,
 `peers`, `num_pieces`, `FAILURE_RULES`, `ADMISSION`, `PIECE_TRANSITIONS`, and the config fields
 ``pipeline_window_s``, ``timeout_factor``, ``refuse_backoff_s``, ``endgame_duplicates``,
-``seed_max_overtakes`` and ``rate_decay``. `piece_failed` and `upload_cancelled` return nothing (as agreed); the decisions
+``seed_max_overtakes`` and ``rate_window``. `piece_failed` and `upload_cancelled` return nothing (as agreed); the decisions
 they cause (cancelling an excluded peer's requests, serving the next queued upload) come out of the
 next `tick`, and `wants_tick` is true until then. Events about peers never joined are handled as if the
 peer had joined first (a have can race a join on the wire); a piece index out of range raises
@@ -107,6 +109,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,8 +172,8 @@ class SchedulerConfig:
     #: A full seed serves the queued request whose piece the swarm holds least (rule 10), but a request
     #: that has seen this many uploads start since it was queued is served next (no starvation).
     seed_max_overtakes: int = 16
-    #: Weight kept by the rate estimator's sums at each new sample (rule 5).
-    rate_decay: float = 0.75
+    #: The rate estimator's memory, in pieces' worth of time at the current rate (rule 5).
+    rate_window: float = 4.0
 
     def __post_init__(self) -> None:
         if self.max_uploads < 1 or self.max_upload_queue < 0:
@@ -181,8 +184,8 @@ class SchedulerConfig:
             raise SchedulerError("timeouts and the pipeline window must be positive")
         if self.max_failures_per_peer < 0 or self.endgame_duplicates < 0 or self.refuse_backoff_s < 0:
             raise SchedulerError("failure, duplicate and backoff limits must be >= 0")
-        if not 0.0 <= self.rate_decay < 1.0:
-            raise SchedulerError("rate_decay must be in [0, 1)")
+        if self.rate_window <= 0:
+            raise SchedulerError("rate_window must be positive")
 
 
 # --- decisions --------------------------------------------------------------------------------------
@@ -364,6 +367,7 @@ class _Peer:
         "rate_time",
         "req_mask",
         "requests",
+        "speed_key",
     )
 
     def __init__(self, peer: PeerId, depth: int) -> None:
@@ -381,14 +385,14 @@ class _Peer:
         self.rate_time = 0.0
         self.last_receive = -math.inf
         self.depth = depth
+        self.speed_key = -math.inf  # -rate, for sorting fastest first; unmeasured peers first
 
     @property
     def rate(self) -> float | None:
         return self.rate_bytes / self.rate_time if self.rate_time > 0 else None
 
 
-def _by_speed(q: _Peer) -> float:
-    return -q.rate_bytes / q.rate_time if q.rate_time > 0 else 0.0
+_SPEED_KEY = operator.attrgetter("speed_key")
 
 
 # --- the scheduler ----------------------------------------------------------------------------------
@@ -517,11 +521,11 @@ class Scheduler:
     @property
     def wants_tick(self) -> bool:
         """True when `tick` at the current time may return decisions (new requests, serves, pending)."""
-        return bool(
-            self._pending
-            or (self._want and self._held != self._full and self._outstanding < self.config.max_requests)
-            or (self._queue and len(self._serving) < self._slots())
-        )
+        if self._pending:
+            return True
+        if self._want and self._outstanding < self.config.max_requests and self._held != self._full:
+            return True
+        return bool(self._queue) and len(self._serving) < self._slots()
 
     def next_timeout(self) -> float | None:
         """The earliest time at which `tick` has work even if no other event happens."""
@@ -595,7 +599,15 @@ class Scheduler:
         q.mask = mask | bit
         if q.excluded or q.bad & bit:
             return
-        _counter_add(self._avail, bit)
+        slices = self._avail  # _counter_add(self._avail, bit), inlined
+        for j, sl in enumerate(slices):
+            if sl & bit:
+                slices[j] = sl ^ bit
+            else:
+                slices[j] = sl | bit
+                break
+        else:
+            slices.append(bit)
         if (self._wanted & bit or (self._endgame and self._inflight & bit)) and len(q.requests) < q.depth:
             self._want[peer] = None
 
@@ -615,10 +627,16 @@ class Scheduler:
                 q.bytes_received += size
                 q.pieces_received += 1
                 start = t_req if t_req > q.last_receive else q.last_receive
-                d = self.config.rate_decay
-                q.rate_bytes = q.rate_bytes * d + size
-                q.rate_time = q.rate_time * d + max(0.0, now - start)
+                dt = max(0.0, now - start)
+                if q.rate_time > 0:  # forget at a pace of rate_window pieces' worth of time
+                    horizon = self.config.rate_window * self._mean_size * q.rate_time / q.rate_bytes
+                    d = math.exp(-dt / horizon)
+                    q.rate_bytes *= d
+                    q.rate_time *= d
+                q.rate_bytes += size
+                q.rate_time += dt
                 q.last_receive = now
+                q.speed_key = -q.rate_bytes / q.rate_time if q.rate_time > 0 else 0.0
                 q.depth = self._depth_for(q)
                 if not q.excluded:
                     self._want[peer] = None
@@ -790,7 +808,7 @@ class Scheduler:
         peers = self._peers
         order = [peers[p] for p in self._want if p in peers]
         if len(order) > 1:
-            order.sort(key=_by_speed)  # fastest first (rule 5); stable, so ties stay in arrival order
+            order.sort(key=_SPEED_KEY)  # fastest first (rule 5); stable, so ties stay in arrival order
         cap = self.config.max_requests
         keep: dict[PeerId, None] = {}
         for q in order:
