@@ -375,7 +375,7 @@ def test_unavailable_names_pieces_no_live_peer_holds() -> None:
 def test_transition_table_rejects_illegal_moves() -> None:
     s = sched(k=2)
     with pytest.raises(SchedulerError):
-        s._move(0, "ended_last")  # noqa: SLF001 - a WANTED piece has no request to end
+        s._move(0, "ended_last")
     assert ("held", "request") not in {(a.value, e) for a, e in PIECE_TRANSITIONS}
 
 
