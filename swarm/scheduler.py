@@ -24,8 +24,12 @@ different pieces.
 Rule 4 (download, pipelining): each peer has up to ``depth`` requests outstanding, so that its link does
 not idle between pieces. ``depth = clamp(ceil(rate * pipeline_window_s / mean_piece_size), min_pipeline,
 max_pipeline)`` where ``rate`` is the peer's measured rate (below); before the first piece arrives it is
-``min_pipeline``. Peers with free pipeline slots are filled fastest first (rule 5), so fast peers get the
-rarest pieces and the most requests.
+``min_pipeline``. Over all peers together at most ``max_requests`` requests are outstanding: a
+node's downlink is shared by all the pieces flowing to it at once, so more at once only makes each
+piece arrive later, and a piece that arrives later is forwarded later (the spread of new pieces
+through the swarm slows). Peers with free pipeline slots are filled fastest first (rule 5), so fast
+peers get the rarest pieces and the most requests; a peer that could not be asked because of
+``max_requests`` is remembered and asked when a request ends.
 
 Rule 5 (rates): the rate of a peer is measured from this node's own `piece_received` calls. Each piece's
 *service time* is ``now - max(request time, previous receive from that peer)`` (the time the peer spent
@@ -52,18 +56,22 @@ requests first, at most ``1 + endgame_duplicates`` requests per piece). When a p
 outstanding request for it is cancelled (`piece_received` returns those `Cancel`s).
 
 Rule 9 (upload admission): an upload request for a piece this node does not hold is refused
-(``"not_held"``); otherwise it is served at once while fewer than ``max_uploads`` uploads run, queued
-while fewer than ``max_upload_queue`` wait, and refused (``"busy"``) beyond that. See `ADMISSION`.
+(``"not_held"``); otherwise it is served at once while fewer than ``max_uploads`` uploads run
+(``seed_max_uploads`` once this node is complete), queued while fewer than ``max_upload_queue`` wait,
+and refused (``"busy"``) beyond that. See `ADMISSION`. The queue is short on purpose: a request
+waiting behind a busy uploader holds its piece hostage (it is "in flight", so nobody asks anyone else
+for it); a quick refusal sends the requester to another holder.
 
 Rule 10 (upload order): requests from peers that this node is not uploading to yet come first (so
 that the slots are spread over the peers that asked: one receiver cannot take every slot while others
 wait, which would leave the uploader's link throttled by that one receiver's downlink). Among those, a
-leecher serves first come, first served, and a full seed serves the queued request whose piece the swarm (as seen through haves and bitfields, counting pieces this node
-has just sent) holds least, preferring pieces it is not already uploading, oldest first among equals:
-this is what makes a seed hand out *different* pieces to its leechers, so that they can trade, rather
-than the same piece to everyone. Against starvation, a request that has seen more than
-``seed_max_overtakes`` uploads start since it was queued is served next. (Leechers stay FIFO: applying
-the same preference there starved the requests of nodes that lag behind, in the simulator.)
+leecher serves first come, first served. A full seed serves the queued request for a piece it has
+never sent, else the one whose piece the swarm (as seen through haves and bitfields, counting pieces
+this node has just sent) holds least, preferring pieces it is not uploading right now, oldest first
+among equals: this is what makes a seed hand out *different* pieces, so that its leechers can trade,
+rather than the same piece to everyone. Against starvation, a request that has seen more than
+``seed_max_overtakes`` uploads start since it was queued is served next. (Leechers stay FIFO: the same
+preference there starved the requests of nodes that lagged behind, in the simulator.)
 
 Rule 11: a leecher serves every piece it holds as soon as it holds it (`piece_received` makes the
 piece servable; there is no choking: the swarm is cooperative).
@@ -97,10 +105,11 @@ Additions to the API the node was written against (all optional to use): `PeerSt
 connection's timer), `wants_tick` (a `tick` now could return decisions), `has`, `held_count`,
 `have_mask` and `peer_bitfield_mask` (bitfields as the bits of an int), `in_endgame`, `availability`,
 `peers`, `num_pieces`, `FAILURE_RULES`, `ADMISSION`, `PIECE_TRANSITIONS`, and the config fields
-``pipeline_window_s``, ``timeout_factor``, ``refuse_backoff_s``, ``endgame_duplicates``,
-``seed_max_overtakes`` and ``rate_window``. `piece_failed` and `upload_cancelled` return nothing (as agreed); the decisions
-they cause (cancelling an excluded peer's requests, serving the next queued upload) come out of the
-next `tick`, and `wants_tick` is true until then. Events about peers never joined are handled as if the
+``seed_max_uploads``, ``max_requests``, ``pipeline_window_s``, ``timeout_factor``,
+``refuse_backoff_s``, ``endgame_duplicates``, ``seed_max_overtakes`` and ``rate_window``.
+`piece_failed` and `upload_cancelled` return nothing (as agreed); the decisions they cause
+(cancelling an excluded peer's requests, serving the next queued upload) come out of the next `tick`,
+and `wants_tick` is true until then. Events about peers never joined are handled as if the
 peer had joined first (a have can race a join on the wire); a piece index out of range raises
 `SchedulerError`, except in `upload_requested`, where it is refused as ``"not_held"``.
 """
