@@ -156,6 +156,9 @@ class SchedulerConfig:
     #: Queued upload requests beyond the running ones; past this, requests are refused ("busy"). Large
     #: enough to hold a full pipeline from every peer of a bounded peer set, so refusals stay rare.
     max_upload_queue: int = 8
+    #: The same once complete: a longer queue gives a seed more requests to choose new pieces from
+    #: (rule 10).
+    seed_max_upload_queue: int = 8
     #: Requests in flight per peer (rule 4). Two hide one round trip; 16 caps what a peer that vanishes
     #: can hold hostage.
     min_pipeline: int = 1
@@ -715,7 +718,7 @@ class Scheduler:
             (
                 held,
                 len(self._serving) < self._slots(),
-                len(self._queue) < self.config.max_upload_queue,
+                len(self._queue) < self._queue_cap(),
             )
         ]
         if outcome == SERVE:
@@ -935,6 +938,10 @@ class Scheduler:
                 self._want[peer] = None
 
     # --- internals: uploads ----------------------------------------------------------------------------
+
+    def _queue_cap(self) -> int:
+        c = self.config
+        return c.seed_max_upload_queue if self._held == self._full else c.max_upload_queue
 
     def _slots(self) -> int:
         c = self.config
