@@ -253,7 +253,7 @@ def test_late_duplicate_is_ignored() -> None:
 
 
 def test_upload_admission() -> None:
-    s = sched(k=4, have=(0, 1, 2, 3), seed_max_uploads=2, max_upload_queue=1)
+    s = sched(k=4, have=(0, 1, 2, 3), seed_max_uploads=2, seed_max_upload_queue=1)
     assert s.upload_requested("x", 0, 0.0) == [Serve("x", 0)]
     assert s.upload_requested("y", 1, 0.0) == [Serve("y", 1)]
     assert s.upload_requested("z", 2, 0.0) == []  # queued
