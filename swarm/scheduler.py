@@ -125,10 +125,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final, TypeAlias
 
+from swarm.errors import SwarmError
+
 PeerId: TypeAlias = str
 
 
-class SchedulerError(Exception):
+class SchedulerError(SwarmError):
     """The scheduler was driven in a way that breaks its rules (a bug in the caller)."""
 
 
