@@ -667,7 +667,7 @@ class Node:
             self._peers[msg.peer_id] = peer
         peer.hello = msg
         peer.last_seen = now
-        hosts = [h for h in msg.data.get("addrs", []) if isinstance(h, str)]
+        hosts = [h for h in _list_field(msg.data, "addrs") if isinstance(h, str)]
         if dial is not None:
             dial.peer = msg.peer_id
             if dial not in peer.dials:
@@ -687,7 +687,7 @@ class Node:
             self._reply(ident, None, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)))
 
     def _learn_pex(self, msg: P.Hello) -> None:
-        for entry in msg.data.get("peers", [])[:_MAX_PEX]:
+        for entry in _list_field(msg.data, "peers")[:_MAX_PEX]:
             if (
                 isinstance(entry, list)
                 and len(entry) == 3
@@ -1120,6 +1120,13 @@ def _drain(fd: int) -> None:
             pass
     except (BlockingIOError, OSError):
         pass
+
+
+def _list_field(data: Mapping[str, Any], name: str) -> list[Any]:
+    """A list field of a peer's Hello.data; [] when missing or not a list (the protocol only checks that
+    `data` is a bounded plain map, so its fields are as the peer sent them)."""
+    value = data.get(name)
+    return value if isinstance(value, list) else []
 
 
 def _has_channel(transport: Transport, peer: str) -> bool:
