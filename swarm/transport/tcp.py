@@ -398,6 +398,10 @@ class TcpTransport(Transport):
     def close(self) -> None:
         self._closing = True
         if self._listener is not None:
+            try:  # wakes the accept() in progress at once (Linux) instead of at its 0.5 s poll
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
         if self._accept_thread is not None:
             self._accept_thread.join(2.0)
