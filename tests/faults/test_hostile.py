@@ -32,7 +32,10 @@ from tests.faults.harness import (
     decoded,
     leecher_node,
     peers_of,
+    resources,
     seed_node,
+    swarm_threads,
+    wait_until,
     wrong_bytes,
 )
 
@@ -302,3 +305,23 @@ def test_flood_of_bad_frames_does_not_starve_honest_peers() -> None:
             f"{times[1]:.2f} s under a flood of {TRIED.get('flood frames')} frames"
         )
         assert times[1] < max(4 * times[0], 2.0), times
+
+
+@pytest.mark.timeout(60)
+def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
+    """Without a token, anyone may open a data channel under any name; one that the control plane
+    never accepted must still be freed (thread and socket) once its client hangs up, and so must the
+    channel of a leecher that dies without a word."""
+    with closing(seed_node()) as (seed,):
+        before = (len(swarm_threads()), resources().fds)
+        for i in range(20):
+            with socket.create_connection((HOST, _data_port(seed)), timeout=3) as s:
+                s.recv(NONCE_SIZE)
+                name = f"stranger{i}".encode()
+                s.sendall(bytes([len(name)]) + name)
+                time.sleep(0.01)
+        t = seed.transport
+        wait_until(lambda: not t._senders, 5, "the seed to free the strangers' channels")  # type: ignore[attr-defined]
+        wait_until(lambda: len(swarm_threads()) <= before[0], 5, "their threads to end")
+        assert resources().fds <= before[1] + 2
+        assert alive(seed)
