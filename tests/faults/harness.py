@@ -436,3 +436,8 @@ def serve_paced(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     serve_paced()
+
+
+def expected_total(size: int = SIZE) -> int:
+    """Bytes of the synthetic model of `size` (the manifest's total)."""
+    return sum(t.numel() * t.element_size() for t in expected(size).values())
