@@ -168,7 +168,7 @@ def corrupt_peer(rec: Record, runs: int) -> None:
 def leechers_killed(rec: Record, rounds: int) -> None:
     members = H.Members(Path(tempfile.mkdtemp(prefix="faults-")))
     try:
-        with H.closing(H.seed_node(rate_cap=4e6, peer_timeout_s=2.0)) as (seed,):
+        with H.closing(H.seed_node(rate_cap=2e6, peer_timeout_s=2.0)) as (seed,):
             threads = H.swarm_threads()
             for r in range(rounds):
                 procs = [
