@@ -283,6 +283,8 @@ class Node:
         self._last_progress = 0.0
         self._unavailable_since: float | None = None
         self._held_bytes = self.manifest.total_bytes if complete else 0
+        #: bytes received from peers that have left (id -> (name, bytes)), so the report counts them
+        self._gone_from: dict[str, tuple[str, int]] = {}
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -338,8 +340,13 @@ class Node:
                 self._fetching = False
         if progress is not None and shown != total:
             progress(total, total)
-        peers = {p.id: p.bytes_from for p in self._peers.values() if p.bytes_from}
-        names = {p.id: p.name for p in self._peers.values()}
+        gone = dict(self._gone_from)
+        live = list(self._peers.values())
+        peers = {pid: b for pid, (_, b) in gone.items()}
+        for p in live:
+            if p.bytes_from:
+                peers[p.id] = peers.get(p.id, 0) + p.bytes_from
+        names = {pid: name for pid, (name, _) in gone.items()} | {p.id: p.name for p in live}
         return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
 
     def mark_complete(self) -> None:
@@ -667,7 +674,7 @@ class Node:
             self._peers[msg.peer_id] = peer
         peer.hello = msg
         peer.last_seen = now
-        hosts = [h for h in msg.data.get("addrs", []) if isinstance(h, str)]
+        hosts = [h for h in _list_field(msg.data, "addrs") if isinstance(h, str)]
         if dial is not None:
             dial.peer = msg.peer_id
             if dial not in peer.dials:
@@ -687,7 +694,7 @@ class Node:
             self._reply(ident, None, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)))
 
     def _learn_pex(self, msg: P.Hello) -> None:
-        for entry in msg.data.get("peers", [])[:_MAX_PEX]:
+        for entry in _list_field(msg.data, "peers")[:_MAX_PEX]:
             if (
                 isinstance(entry, list)
                 and len(entry) == 3
@@ -1005,6 +1012,9 @@ class Node:
         for dial in list(peer.dials):
             self._close_dial(dial, backoff=True)
         self.transport.drop(peer.id)
+        if peer.bytes_from:
+            _, before = self._gone_from.get(peer.id, ("", 0))
+            self._gone_from[peer.id] = (peer.name, before + peer.bytes_from)
         if peer.accepted:
             self._apply(self.scheduler.peer_left(peer.id, now), now)
 
@@ -1120,6 +1130,13 @@ def _drain(fd: int) -> None:
             pass
     except (BlockingIOError, OSError):
         pass
+
+
+def _list_field(data: Mapping[str, Any], name: str) -> list[Any]:
+    """A list field of a peer's Hello.data; [] when missing or not a list (the protocol only checks that
+    `data` is a bounded plain map, so its fields are as the peer sent them)."""
+    value = data.get(name)
+    return value if isinstance(value, list) else []
 
 
 def _has_channel(transport: Transport, peer: str) -> bool:
