@@ -499,6 +499,11 @@ class NcclTransport(Transport):
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._thread = None
 
+    def is_ready(self, peer: str) -> bool:
+        """True once the channel from `peer` (opened by `connect`) has finished its set-up."""
+        ch = self._recv.get(peer)
+        return ch is not None and ch.state == "ready"
+
     def stats(self) -> dict[str, Any]:
         out = dict(self._stats)
         out["init_s"] = list(self._stats["init_s"])
@@ -515,10 +520,12 @@ class NcclTransport(Transport):
     def _run(self) -> None:
         assert self.device is not None
         torch.cuda.set_device(self.device)
+        active = False
         while not self._stop.is_set():
-            busy = bool(self._send or self._recv or self._orphans)
+            # Poll every 0.2 ms while anything is under way (set-up, queued or in-flight pieces),
+            # else sleep until a command arrives.
             try:
-                cmd = self._commands.get(timeout=0.0002 if busy else 0.05)
+                cmd: Callable[[], None] | None = self._commands.get(timeout=0.0002 if active else 0.05)
             except queue.Empty:
                 cmd = None
             try:
@@ -530,12 +537,16 @@ class NcclTransport(Transport):
             except Exception:
                 log.exception("NCCL transport command failed")
             now = time.monotonic()
+            active = bool(self._orphans)
             for ch in list(self._send.values()) + list(self._recv.values()):
                 try:
                     self._progress(ch, now)
                 except Exception as e:
                     log.exception("NCCL channel %s to %s failed", ch.cid, ch.peer)
                     self._fail(ch, f"{type(e).__name__}: {e}")
+                active = active or (
+                    ch.state == "init" or ch.busy is not None or bool(ch.waiting or ch.flight or ch.scatter)
+                )
             self._expire_orphans(now)
 
     def _events(self) -> Events:
@@ -571,9 +582,14 @@ class NcclTransport(Transport):
         if old is not None and old.state != "dead":
             return
         assert self.nccl is not None
-        uid = self.nccl.unique_id()
         cid = secrets.token_hex(6)
-        self._recv[peer] = self._new_chan(peer, cid, uid, sending=False)
+        try:
+            uid = self.nccl.unique_id()
+            self._recv[peer] = self._new_chan(peer, cid, uid, sending=False)
+        except TransportError as e:
+            log.warning("cannot open an NCCL channel from %s: %s", peer, e)
+            self._events().closed(peer, f"NCCL set-up failed: {e}")
+            return
         self._notify(peer, {"op": "open", "cid": cid, "uid": uid})
 
     def _message(self, peer: str, params: dict[str, Any]) -> None:
@@ -590,7 +606,12 @@ class NcclTransport(Transport):
             old = self._send.get(peer)
             if old is not None:
                 self._fail(old, "peer opened a new channel", notify=False, report_closed=False)
-            sender = self._new_chan(peer, cid, uid, sending=True)
+            try:
+                sender = self._new_chan(peer, cid, uid, sending=True)
+            except TransportError as e:
+                log.warning("cannot open an NCCL channel to %s: %s", peer, e)
+                self._notify(peer, {"op": "close", "cid": cid, "reason": f"NCCL set-up failed: {e}"[:200]})
+                return
             self._send[peer] = sender
             for p, _ in self._orphans.pop(peer, []):
                 sender.waiting.append(_Op(piece=p))
