@@ -381,7 +381,11 @@ class NcclTransport(Transport):
         init_timeout: float = 60.0,
         op_timeout: float = 60.0,
         library: str | None = None,
+        nccl: Nccl | None = None,
     ) -> None:
+        """`rate_limit`: bytes/s over all sending channels (None: unlimited); `max_ctas`: NCCL's cap
+        on the thread blocks of one communicator; `pipeline`: operations queued on one channel's
+        stream; `library`: path of libnccl; `nccl`: an already loaded binding (tests pass a stand-in)."""
         super().__init__()
         self._device_arg = device
         gbps = _env_float("SWARM_NCCL_RATE_GBPS")
@@ -394,7 +398,7 @@ class NcclTransport(Transport):
         self.init_timeout = init_timeout
         self.op_timeout = op_timeout
         self._library = library
-        self.nccl: Nccl | None = None
+        self.nccl: Nccl | None = nccl
         self.device: torch.device | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -451,7 +455,8 @@ class NcclTransport(Transport):
     def open(self, host: str) -> dict[str, Any]:
         if self.device is None:
             raise ConfigError("bind() the transport to its tensors before open()")
-        self.nccl = Nccl.load(self._library)
+        if self.nccl is None:
+            self.nccl = Nccl.load(self._library)
         torch.cuda.synchronize(self.device)  # parameters written by the loader are complete
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="swarm-nccl", daemon=True)

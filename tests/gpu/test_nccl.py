@@ -178,16 +178,3 @@ def test_transfer_duplicates_bad_checksum_and_peer_death() -> None:
     assert leech["closed"], "the seed's death was never reported"
     assert leech["closed_after_s"] is not None and leech["closed_after_s"] < 20
     assert leech["shutdown_s"] < 25
-
-
-def test_fused_checksum_matches_manifest() -> None:
-    from bench.gpu import HAVE_TRITON, fused_checksum_async
-    from swarm.manifest import checksum_async
-
-    if not HAVE_TRITON:
-        pytest.skip("Triton is not installed")
-    dev = torch.device("cuda", 0)
-    for n in (4, 4096, (64 << 20) + 12, 1001):
-        b = torch.randint(0, 256, (n,), dtype=torch.uint8, device=dev)
-        parts = [b] if n % 2 else [b[: n // 2 // 4 * 4], b[n // 2 // 4 * 4 :]]
-        assert torch.equal(fused_checksum_async(parts), checksum_async(parts)), n
