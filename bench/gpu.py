@@ -32,6 +32,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -57,7 +58,14 @@ import torch  # noqa: E402
 from swarm.manifest import Manifest, as_bytes, checksum_async, piece_checksums  # noqa: E402
 from swarm.protocol import Channel, Codec, Request  # noqa: E402
 from swarm.transport.base import Events  # noqa: E402
-from swarm.transport.nccl import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl, NcclError, NcclTransport  # noqa: E402
+from swarm.transport.nccl import (  # noqa: E402
+    NCCL_IN_PROGRESS,
+    NCCL_SUCCESS,
+    Nccl,
+    NcclError,
+    NcclTransport,
+    fused_checksum_async,
+)
 
 ALL_CASES = ("checksum", "pair", "naive", "broadcast", "transport", "serving", "binding", "disk")
 
@@ -128,64 +136,7 @@ def poison(tensors: dict[str, torch.Tensor]) -> None:
     torch.cuda.synchronize()
 
 
-# --- a fused checksum (Triton) giving the values of swarm.manifest.checksum_async ---------------------
-
-try:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _checksum_kernel(x_ptr, out_ptr, n, base, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0)
-        m32 = tl.full([BLOCK], 4294967295, tl.int64)
-        h = ((offs + base + 1) * tl.full([BLOCK], 2654435761, tl.int64)) & m32
-        h = h ^ (h >> 16)
-        h = (h * tl.full([BLOCK], 2246822507, tl.int64)) & m32
-        h = h ^ (h >> 13)
-        w = ((h & 2147483647) | 1).to(tl.int32)
-        prod = x * w
-        s1 = tl.sum(x.to(tl.int64), axis=0)
-        s2 = tl.sum(prod.to(tl.int64), axis=0)
-        tl.store(out_ptr + pid * 2, s1)
-        tl.store(out_ptr + pid * 2 + 1, s2)
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    HAVE_TRITON = False
-
-FUSED_BLOCK = 8192
-
-
-def fused_checksum_async(views: list[torch.Tensor]) -> torch.Tensor:
-    """swarm.manifest.checksum_async in one pass over the bytes: the position weights are computed in
-    registers instead of read from memory, the products are never written. Same int64 [s1, s2]."""
-    device = views[0].device
-    parts = []
-    for v in views:
-        if v.numel() % 4 or v.data_ptr() % 4:
-            total = sum(x.numel() for x in views)
-            buf = torch.zeros((total + 3) // 4 * 4, dtype=torch.uint8, device=device)
-            torch.cat(list(views), out=buf[:total])
-            parts = [buf.view(torch.int32)]
-            break
-        parts.append(v.view(torch.int32))
-    partials = []
-    base = 0
-    for words in parts:
-        n = words.numel()
-        if n == 0:
-            continue
-        blocks = triton.cdiv(n, FUSED_BLOCK)
-        out = torch.empty((blocks, 2), dtype=torch.int64, device=device)
-        _checksum_kernel[(blocks,)](words, out, n, base, BLOCK=FUSED_BLOCK, num_warps=8)
-        partials.append(out)
-        base += n
-    if not partials:
-        return torch.zeros(2, dtype=torch.int64, device=device)
-    return torch.cat(partials).sum(dim=0)
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 ST_DTYPES = {

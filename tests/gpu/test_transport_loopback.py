@@ -106,7 +106,8 @@ def test_transfer_is_byte_identical(pair: Pair) -> None:
     pair.wait(lambda: pair.count("L", "received") == n)
     pair.wait(lambda: pair.count("S", "sent") == n)
     assert pair.count("L", "failed") == 0
-    assert all(e[3] for e in pair.events if e[1] == "sent")
+    assert all(e[4] for e in pair.events if e[1] == "sent")
+    assert pair.leech.stats()["checksum"] == "fused"
     assert pair.identical()
     stats = pair.leech.stats()
     assert stats["pieces_received"] == n and stats["bytes_received"] == pair.manifest.total_bytes
@@ -243,8 +244,9 @@ def test_binding_on_one_gpu_real_nccl() -> None:
 
 
 def test_fused_checksum_matches_manifest() -> None:
-    from bench.gpu import HAVE_TRITON, fused_checksum_async
+    from bench.gpu import HAVE_TRITON
     from swarm.manifest import checksum_async
+    from swarm.transport.nccl import fused_checksum_async
 
     if not HAVE_TRITON:
         pytest.skip("Triton is not installed")
