@@ -76,7 +76,7 @@ from typing import Any, ClassVar
 import torch
 
 from swarm.errors import ConfigError, TransportError
-from swarm.manifest import Manifest, checksum_async
+from swarm.manifest import Manifest, checksum, checksum_async
 from swarm.protocol import Channel, Message
 from swarm.transport.base import Events, Transport
 
@@ -473,12 +473,22 @@ class NcclTransport(Transport):
         library: str | None = None,
         nccl: Nccl | None = None,
         fast_checksum: bool = True,
+        token: str | None = None,
+        rate_cap: float | None = None,
+        io_timeout_s: float | None = None,
     ) -> None:
         """`rate_limit`: bytes/s over all sending channels (None: unlimited); `max_ctas`: NCCL's cap
         on the thread blocks of one communicator; `pipeline`: operations queued on one channel's
         stream; `library`: path of libnccl; `nccl`: an already loaded binding (tests pass a stand-in);
-        `fast_checksum`: verify with `fused_checksum_async` where it works (same values)."""
+        `fast_checksum`: verify with `fused_checksum_async` where it works (same values).
+        `token`, `rate_cap`, `io_timeout_s`: the node's names (NodeConfig); the token is not needed
+        here (every channel message travels on the authenticated control plane), `rate_cap` is
+        `rate_limit`, `io_timeout_s` is `op_timeout`."""
         super().__init__()
+        if rate_limit is None:
+            rate_limit = rate_cap
+        if io_timeout_s is not None:
+            op_timeout = io_timeout_s
         self._device_arg = device
         gbps = _env_float("SWARM_NCCL_RATE_GBPS")
         self.rate_limit = rate_limit if rate_limit is not None else (gbps * 1e9 if gbps else None)
@@ -493,6 +503,7 @@ class NcclTransport(Transport):
         self.nccl: Nccl | None = nccl
         self.fast_checksum = fast_checksum
         self._checksum: Callable[[Sequence[torch.Tensor]], torch.Tensor] = checksum_async
+        self._gpu_checksum = True  # the manifest's algorithm is wsum32, computed on the GPU
         self.device: torch.device | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -540,8 +551,15 @@ class NcclTransport(Transport):
         self.device = dev
         # Size the checksum's cached position weights once, here, for the largest piece (growing the
         # cache later would free a tensor that another stream may still read).
+        self._gpu_checksum = getattr(manifest, "checksum", "wsum32") == "wsum32"
+        if not self._gpu_checksum:
+            log.warning(
+                "manifest checksum %r is computed in host memory: every received piece is copied to the "
+                "host to be verified (build GPU manifests with checksum 'wsum32')",
+                manifest.checksum,
+            )
         longest = max((p.length for p in manifest.pieces), default=0)
-        if longest:
+        if longest and self._gpu_checksum:
             with torch.cuda.device(dev):
                 checksum_async([torch.zeros((longest + 3) // 4 * 4, dtype=torch.uint8, device=dev)])
                 if self.fast_checksum and fused_checksum_works(dev):
@@ -599,6 +617,15 @@ class NcclTransport(Transport):
         for t in list(self._teardowns):
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._thread = None
+
+    def has_channel(self, peer: str) -> bool:
+        """Whether `send(peer, p)` can be accepted: always, since a send asked before the peer's channel
+        exists is held until it opens (bounded by `init_timeout`, then reported `sent(False)`)."""
+        return True
+
+    def unexpect(self, peer: str, piece: int) -> None:
+        """A request was cancelled or refused: nothing to undo, the seed's signal drives receives."""
+        return None
 
     def is_ready(self, peer: str) -> bool:
         """True once the channel from `peer` (opened by `connect`) has finished its set-up."""
@@ -888,7 +915,7 @@ class NcclTransport(Transport):
         assert op.buf is not None
         op.done = _event()
         op.done.record(ch.stream)
-        if not ch.sending and op.piece >= 0:
+        if not ch.sending and op.piece >= 0 and self._gpu_checksum:
             assert ch.side is not None
             with torch.cuda.stream(ch.side):
                 ch.side.wait_event(op.done)
@@ -934,18 +961,27 @@ class NcclTransport(Transport):
             events.received(ch.peer, op.piece)
 
     def _verified(self, ch: _Chan, op: _Op) -> None:
-        assert op.sums is not None and self.manifest is not None
+        assert self.manifest is not None and op.buf is not None
         events = self._events()
-        s1, s2 = (int(v) & 0xFFFFFFFFFFFFFFFF for v in op.sums.tolist())
-        got = f"{s1:016x}{s2:016x}"
+        if op.sums is not None:
+            s1, s2 = (int(v) & 0xFFFFFFFFFFFFFFFF for v in op.sums.tolist())
+            got = f"{s1:016x}{s2:016x}"
+        else:  # a manifest with a host-memory algorithm (blake3): hash a host copy, synchronously
+            got = checksum([op.buf], self.manifest.checksum)
         want = self.checksums[op.piece] if self.checksums is not None else None
         if op.direct and self._direct.get(op.piece) is op:
             del self._direct[op.piece]
         if want is None or got != want:
             self._stats["checksum_failures"] += 1
             op.buf = None
-            reason = "no checksum known" if want is None else f"checksum mismatch: got {got}, expected {want}"
-            events.failed(ch.peer, op.piece, reason)
+            if want is None:
+                log.warning("piece %d from %s arrived before its checksums were known", op.piece, ch.peer)
+                events.failed(ch.peer, op.piece, "error")
+            else:
+                log.warning(
+                    "piece %d from %s: checksum mismatch (got %s, expected %s)", op.piece, ch.peer, got, want
+                )
+                events.failed(ch.peer, op.piece, "bad_checksum")
             return
         if op.direct or op.piece in self._have or op.piece in self._committing:
             self._have.add(op.piece)
@@ -996,7 +1032,7 @@ class NcclTransport(Transport):
             if ch.sending:
                 events.sent(ch.peer, op.piece, False)
             else:
-                events.failed(ch.peer, op.piece, reason)
+                events.failed(ch.peer, op.piece, "error")
         self._abort_later(ch, ops)
         if report_closed:
             other = (self._recv if ch.sending else self._send).get(ch.peer)
