@@ -67,7 +67,18 @@ from swarm.transport.nccl import (  # noqa: E402
     fused_checksum_async,
 )
 
-ALL_CASES = ("checksum", "pair", "naive", "broadcast", "transport", "serving", "binding", "disk")
+ALL_CASES = (
+    "checksum",
+    "pair",
+    "naive",
+    "broadcast",
+    "transport",
+    "swarm",
+    "swarm_staggered",
+    "serving",
+    "binding",
+    "disk",
+)
 
 # --- the synthetic model -----------------------------------------------------------------------------
 
@@ -585,6 +596,115 @@ class Worker:
                 pieces=len(self.manifest.pieces),
             )
 
+    # --- the swarm: real swarm.node processes over ZMQ on loopback, static peers --------------------------
+
+    def swarm(self, k: int, stagger_s: float, label: str) -> None:
+        """k leechers (ranks 1..k) fetch through swarm.node from the seed (rank 0) and each other;
+        leecher i starts (i - 1) x stagger_s after the first."""
+        from swarm.manifest import SwarmKey
+        from swarm.node import Node, NodeConfig
+
+        key = f"{label}/{k}"
+        ports = self.args.ports
+        members = range(k + 1)
+        if self.rank != 0:
+            poison(self.tensors)
+        cfg = NodeConfig(
+            transport="nccl",
+            peers=",".join(f"127.0.0.1:{ports[j]}" for j in members if j != self.rank),
+            host="127.0.0.1",
+            control_port=ports[self.rank],
+            mdns=False,
+            piece_size=self.manifest.piece_size,
+            discovery_timeout_s=20.0,
+            stall_timeout_s=30.0,
+            deadline_s=120.0,
+        )
+        skey = SwarmKey(model_id="bench-llama8b", dtype="bfloat16", engine="bench")
+        node = None
+        if self.rank == 0:
+            node = Node(
+                skey,
+                self.tensors,
+                cfg,
+                complete=True,
+                manifest=self.manifest,
+                transport=NcclTransport(self.device),
+            ).start()
+        self.coord.barrier(f"{key}/start")
+        t_go = time.time()
+        if 0 < self.rank <= k:
+            time.sleep((self.rank - 1) * stagger_s)
+            first: list[float] = []
+
+            def progress(held: int, total: int) -> None:
+                if held and not first:
+                    first.append(time.time())
+
+            t0 = time.time()
+            node = Node(
+                skey,
+                self.tensors,
+                cfg,
+                complete=False,
+                manifest=self.manifest,
+                transport=NcclTransport(self.device),
+            ).start()
+            report = node.fetch(progress)
+            t1 = time.time()
+            ok = self.verify()
+            st = node.transport.stats()
+            self.coord.set(
+                f"{key}/r{self.rank}",
+                {
+                    "start": t0,
+                    "first": first[0] if first else t1,
+                    "end": t1,
+                    "ok": ok,
+                    "from": {
+                        ("seed" if pid == self._seed_id(key) else pid): b
+                        for pid, b in report.bytes_by_peer.items()
+                    },
+                    "init_s": st["init_s"],
+                    "checksum": st["checksum"],
+                    "fetch_s": report.seconds,
+                },
+            )
+        elif self.rank == 0:
+            assert node is not None
+            self.coord.set(f"{key}/seed_id", node.id)
+        self.coord.barrier(f"{key}/end")
+        if node is not None:
+            t = time.perf_counter()
+            node.close()
+            close_s = time.perf_counter() - t
+        else:
+            close_s = 0.0
+        self.coord.barrier(f"{key}/closed")
+        if self.rank == 0:
+            rows = [self.coord.get(f"{key}/r{r}") for r in range(1, k + 1)]
+            if label == "swarm" and k == 1:
+                self.coord.set("swarm/single_e2e", rows[0]["end"] - rows[0]["start"])
+            self.record(
+                case=label,
+                leechers=k,
+                bytes=self.bytes,
+                e2e_s=max(r["end"] - r["start"] for r in rows),
+                transfer_s=max(r["end"] for r in rows) - min(r["first"] for r in rows),
+                all_loaded_s=max(r["end"] for r in rows) - t_go,
+                stagger_s=stagger_s,
+                identical=all(r["ok"] for r in rows),
+                bytes_from=[r["from"] for r in rows],
+                init_s=[r["init_s"] for r in rows],
+                checksum=rows[0]["checksum"],
+                seed_close_s=close_s,
+                piece_mib=self.manifest.piece_size >> 20,
+            )
+
+    def _seed_id(self, key: str) -> str:
+        v = self.coord.maybe(f"{key}/seed_id")
+        return str(v) if v else "?"
+
     # --- non-disturbing serving --------------------------------------------------------------------------
 
     def serving(self, seconds: float) -> None:
@@ -894,6 +1014,13 @@ def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], resul
             elif case == "transport":
                 for k in ks:
                     w.transport(k)
+            elif case == "swarm":
+                for k in ks:
+                    w.swarm(k, 0.0, "swarm")
+            elif case == "swarm_staggered":  # needs 2 leechers or more
+                single = w.coord.maybe("swarm/single_e2e") or 0.5
+                for k in ks[1:]:
+                    w.swarm(k, args.stagger_s or 0.3 * single, "swarm_staggered")
             elif case == "serving":
                 w.serving(args.serve_seconds)
             elif case == "binding":
@@ -931,6 +1058,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     ):
         raise SystemExit(f"{world} GPU(s): the transfer cases need at least 2")
     port = free_port()
+    args.ports = [free_port() for _ in range(world)]
     store = dist.TCPStore("127.0.0.1", port, world + 1, True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     inboxes = {f"r{r}": ctx.Queue() for r in range(world)}
@@ -1000,6 +1128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=("llama8b", "small"), default="llama8b")
     ap.add_argument("--piece-mib", type=int, default=64)
     ap.add_argument("--serve-seconds", type=float, default=2.0)
+    ap.add_argument(
+        "--stagger-s",
+        type=float,
+        default=0.0,
+        help="swarm_staggered: delay between leecher starts (default: 30%% of the single-leecher swarm time)",
+    )
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--timeout", type=float, default=540.0)
     ap.add_argument("--json", default="", help="write the records here ('-' for stdout)")
