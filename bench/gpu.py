@@ -196,10 +196,15 @@ class Coord:
         self.world = world
 
     def barrier(self, name: str, n: int | None = None, timeout: float = 150.0) -> None:
+        """Wait until n processes reached `name`; raise at once when another process gave up."""
         n = self.world if n is None else n
         self.store.add(f"bar/{name}", 1)
         deadline = time.monotonic() + timeout
+        polls = 0
         while int(self.store.add(f"bar/{name}", 0)) < n:
+            polls += 1
+            if polls % 100 == 0 and self.store.check(["abort"]):
+                raise RuntimeError(f"another process gave up: {self.store.get('abort').decode()[:300]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"barrier {name}")
             time.sleep(0.0005)
@@ -996,6 +1001,7 @@ class Worker:
 def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], results: Any, args: Any) -> None:
     for k, v in SAFE_ENV.items():
         os.environ[k] = v
+    w: Worker | None = None
     try:
         w = Worker(rank, world, port, inboxes, results, args)
         cases = args.cases
@@ -1037,6 +1043,9 @@ def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], resul
     except Exception:
         results.put({"error": f"rank {rank}: {traceback.format_exc()}"})
         print(traceback.format_exc(), flush=True)
+        with contextlib.suppress(Exception):
+            w.coord.store.set("abort", f"rank {rank}: {traceback.format_exc(limit=1)}")
+        time.sleep(1.0)
         os._exit(1)
 
 
