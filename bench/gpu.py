@@ -78,6 +78,7 @@ ALL_CASES = (
     "serving",
     "binding",
     "disk",
+    "control",
 )
 
 # --- the synthetic model -----------------------------------------------------------------------------
@@ -1049,6 +1050,206 @@ def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], resul
         os._exit(1)
 
 
+# --- the control plane alone: nodes on ONE GPU with a transport that moves nothing ---------------------
+
+
+class NullNccl:
+    """Stands in for libnccl and moves nothing: every operation completes at once. With receivers that
+    already hold the right bytes (same seed), a fetch through swarm.node measures the control plane
+    (ZeroMQ, scheduler, the transport's engine and signals) and the GPU verification of every piece,
+    i.e. the fastest any swarm fetch can be whatever the link."""
+
+    version = 0
+    path = "null"
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def error_string(self, code: int) -> str:
+        return f"null nccl {code}"
+
+    def unique_id(self) -> bytes:
+        return os.urandom(128)
+
+    def init_rank(self, nranks: int, uid: bytes, rank: int, *, blocking: bool, max_ctas: int | None = None):
+        with self._lock:
+            self._next += 1
+            return self._next, NCCL_SUCCESS
+
+    def async_error(self, comm: int) -> int:
+        return NCCL_SUCCESS
+
+    def send(self, comm: int, ptr: int, nbytes: int, peer: int, stream: int) -> int:
+        return NCCL_SUCCESS
+
+    def recv(self, comm: int, ptr: int, nbytes: int, peer: int, stream: int) -> int:
+        return NCCL_SUCCESS
+
+    def abort(self, comm: int) -> int:
+        return NCCL_SUCCESS
+
+    def destroy(self, comm: int) -> int:
+        return NCCL_SUCCESS
+
+
+def control_main(rank: int, world: int, port: int, ports: list[int], results: Any, args: Any) -> None:
+    """One node of the control-plane measurement (every rank on cuda:0)."""
+    for k, v in SAFE_ENV.items():
+        os.environ[k] = v
+    coord = None
+    try:
+        from swarm.manifest import SwarmKey
+        from swarm.node import Node, NodeConfig
+
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        coord = Coord(port, rank, world)
+        spec = [s for s in llama_spec() if len(s[1]) == 2]  # no norms: every piece zero-copy
+        tensors = make_model(spec, device, random=True, seed=77)  # the same bytes in every process
+        torch.cuda.synchronize()
+        for piece_mib in args.control_piece_mib:
+            manifest = Manifest.from_tensors(tensors, piece_size=piece_mib << 20)
+            assert all(p.zero_copy for p in manifest.pieces)
+            for k in range(1, world):
+                key = f"control/{piece_mib}/{k}"
+                cfg = NodeConfig(
+                    transport="nccl",
+                    peers=",".join(f"127.0.0.1:{ports[j]}" for j in range(k + 1) if j != rank),
+                    host="127.0.0.1",
+                    control_port=ports[rank],
+                    mdns=False,
+                    piece_size=piece_mib << 20,
+                    discovery_timeout_s=20.0,
+                    stall_timeout_s=30.0,
+                    deadline_s=120.0,
+                )
+                skey = SwarmKey(model_id=f"control-{piece_mib}", dtype="bfloat16", engine="bench")
+                node = None
+                if rank == 0:
+                    node = Node(
+                        skey,
+                        tensors,
+                        cfg,
+                        complete=True,
+                        manifest=manifest,
+                        transport=NcclTransport(device, nccl=NullNccl()),
+                    ).start()
+                coord.barrier(f"{key}/start")
+                if 0 < rank <= k:
+                    t0 = time.time()
+                    node = Node(
+                        skey,
+                        tensors,
+                        cfg,
+                        complete=False,
+                        manifest=manifest,
+                        transport=NcclTransport(device, nccl=NullNccl()),
+                    ).start()
+                    t1 = time.time()
+                    first: list[float] = []
+                    report = node.fetch(
+                        lambda held, total, first=first: (
+                            first.append(time.time()) if held and not first else None
+                        )
+                    )
+                    t2 = time.time()
+                    coord.set(
+                        f"{key}/r{rank}",
+                        {
+                            "start": t0,
+                            "fetch": t1,
+                            "first": first[0] if first else t1,
+                            "end": t2,
+                            "from": len(report.bytes_by_peer),
+                        },
+                    )
+                coord.barrier(f"{key}/end")
+                if node is not None:
+                    node.close()
+                coord.barrier(f"{key}/closed")
+                if rank == 0:
+                    rows = [coord.get(f"{key}/r{r}") for r in range(1, k + 1)]
+                    fetch_s = max(r["end"] for r in rows) - min(r["fetch"] for r in rows)
+                    n = len(manifest.pieces)
+                    results.put(
+                        {
+                            "case": "control",
+                            "leechers": k,
+                            "bytes": manifest.total_bytes,
+                            "e2e_s": max(r["end"] - r["start"] for r in rows),
+                            "transfer_s": fetch_s,
+                            "piece_mib": piece_mib,
+                            "pieces": n,
+                            "pieces_per_s_per_leecher": n / fetch_s,
+                            "cap_GBps_per_leecher": manifest.total_bytes / fetch_s / 1e9,
+                            "steady_s": max(r["end"] for r in rows) - min(r["first"] for r in rows),
+                            "steady_GBps_per_leecher": manifest.total_bytes
+                            / (max(r["end"] for r in rows) - min(r["first"] for r in rows))
+                            / 1e9,
+                            "peers_used": [r["from"] for r in rows],
+                            "device": torch.cuda.get_device_name(device),
+                        }
+                    )
+        coord.barrier("control/done")
+        results.put({"worker_done": rank})
+    except Exception:
+        results.put({"error": f"control rank {rank}: {traceback.format_exc()}"})
+        print(traceback.format_exc(), flush=True)
+        with contextlib.suppress(Exception):
+            if coord is not None:
+                coord.store.set("abort", f"control rank {rank}")
+        time.sleep(1.0)
+        os._exit(1)
+
+
+def collect(procs: list[Any], results: Any, world: int, timeout: float) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    done = 0
+    deadline = time.monotonic() + timeout
+    while done < world and time.monotonic() < deadline:
+        try:
+            rec = results.get(timeout=1.0)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                print("a worker died", flush=True)
+                break
+            continue
+        if "worker_done" in rec:
+            done += 1
+        elif "error" in rec:
+            print(rec["error"], flush=True)
+            records.append(rec)
+            break
+        else:
+            print(f"record {rec}", flush=True)
+            records.append(rec)
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.terminate()
+    return records
+
+
+def run_control(args: Any) -> list[dict[str, Any]]:
+    import torch.distributed as dist
+
+    world = args.control_leechers + 1
+    port = free_port()
+    ports = [free_port() for _ in range(world)]
+    store = dist.TCPStore("127.0.0.1", port, world + 1, True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=control_main, args=(r, world, port, ports, results, args)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    records = collect(procs, results, world, args.timeout)
+    del store
+    return records
+
+
 # --- the parent ------------------------------------------------------------------------------------
 
 
@@ -1077,29 +1278,7 @@ def run(args: Any) -> list[dict[str, Any]]:
     ]
     for p in procs:
         p.start()
-    records: list[dict[str, Any]] = []
-    done = 0
-    deadline = time.monotonic() + args.timeout
-    while done < world and time.monotonic() < deadline:
-        try:
-            rec = results.get(timeout=1.0)
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                print("a worker died", flush=True)
-                break
-            continue
-        if "worker_done" in rec:
-            done += 1
-        elif "error" in rec:
-            print(rec["error"], flush=True)
-            records.append(rec)
-            break
-        else:
-            records.append(rec)
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.terminate()
+    records = collect(procs, results, world, args.timeout)
     del store
     return records
 
@@ -1144,14 +1323,22 @@ def main(argv: list[str] | None = None) -> int:
         help="swarm_staggered: delay between leecher starts (default: 30%% of the single-leecher swarm time)",
     )
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--control-leechers", type=int, default=3, help="control: leecher processes on GPU 0")
+    ap.add_argument("--control-piece-mib", default="64,256", help="control: piece sizes to try")
     ap.add_argument("--timeout", type=float, default=540.0)
     ap.add_argument("--json", default="", help="write the records here ('-' for stdout)")
     args = ap.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
+    args.control_piece_mib = [int(x) for x in str(args.control_piece_mib).split(",") if x]
     unknown = set(args.cases) - set(ALL_CASES)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(ALL_CASES)}")
-    records = run(args)
+    records = []
+    gpu_cases = [c for c in args.cases if c != "control"]
+    if gpu_cases:
+        records += run(argparse.Namespace(**{**vars(args), "cases": gpu_cases}))
+    if "control" in args.cases:
+        records += run_control(args)
     out = json.dumps(records, indent=1)
     if args.json == "-":
         print(out)
