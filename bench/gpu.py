@@ -1093,6 +1093,19 @@ class NullNccl:
         return NCCL_SUCCESS
 
 
+class ControlTransport(NcclTransport):
+    """NcclTransport for the control measurement: where a receive would land in a staging buffer
+    (packed pieces, duplicates), the buffer is filled with the piece's bytes from this process's own
+    tensors (which already hold the model), standing in for the bytes NullNccl does not move."""
+
+    def _destination(self, op: Any) -> torch.Tensor:
+        buf = super()._destination(op)
+        if op.piece >= 0 and not op.direct:
+            assert self.manifest is not None
+            torch.cat(self.manifest.piece_views(self.views, op.piece), out=buf)
+        return buf
+
+
 def control_main(rank: int, world: int, port: int, ports: list[int], results: Any, args: Any) -> None:
     """One node of the control-plane measurement (every rank on cuda:0)."""
     for k, v in SAFE_ENV.items():
@@ -1105,12 +1118,10 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         coord = Coord(port, rank, world)
-        spec = [s for s in llama_spec() if len(s[1]) == 2]  # no norms: every piece zero-copy
-        tensors = make_model(spec, device, random=True, seed=77)  # the same bytes in every process
+        tensors = make_model(llama_spec(), device, random=True, seed=77)  # the same bytes everywhere
         torch.cuda.synchronize()
         for piece_mib in args.control_piece_mib:
             manifest = Manifest.from_tensors(tensors, piece_size=piece_mib << 20)
-            assert all(p.zero_copy for p in manifest.pieces)
             for k in range(1, world):
                 key = f"control/{piece_mib}/{k}"
                 cfg = NodeConfig(
@@ -1133,7 +1144,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                         cfg,
                         complete=True,
                         manifest=manifest,
-                        transport=NcclTransport(device, nccl=NullNccl()),
+                        transport=ControlTransport(device, nccl=NullNccl()),  # type: ignore[arg-type]
                     ).start()
                 coord.barrier(f"{key}/start")
                 if 0 < rank <= k:
@@ -1144,7 +1155,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                         cfg,
                         complete=False,
                         manifest=manifest,
-                        transport=NcclTransport(device, nccl=NullNccl()),
+                        transport=ControlTransport(device, nccl=NullNccl()),  # type: ignore[arg-type]
                     ).start()
                     t1 = time.time()
                     first: list[float] = []
