@@ -1098,8 +1098,30 @@ class ControlTransport(NcclTransport):
     (packed pieces, duplicates), the buffer is filled with the piece's bytes from this process's own
     tensors (which already hold the model), standing in for the bytes NullNccl does not move."""
 
+    verify = True  # False: skip the GPU checksum (control plane and engine alone, no GPU kernels)
+
+    def _enqueued(self, ch: Any, op: Any) -> None:
+        if self.verify or ch.sending or op.piece < 0:
+            super()._enqueued(ch, op)
+            return
+        op.done = torch.cuda.Event()
+        op.done.record(ch.stream)
+        ch.flight.append(op)
+
+    def _verified(self, ch: Any, op: Any) -> None:
+        if self.verify:
+            super()._verified(ch, op)
+            return
+        if self._direct.get(op.piece) is op:
+            del self._direct[op.piece]
+        self._have.add(op.piece)
+        op.buf = None
+        self._events().received(ch.peer, op.piece)
+
     def _destination(self, op: Any) -> torch.Tensor:
         buf = super()._destination(op)
+        if not self.verify:
+            return buf
         if op.piece >= 0 and not op.direct:
             assert self.manifest is not None
             torch.cat(self.manifest.piece_views(self.views, op.piece), out=buf)
@@ -1120,10 +1142,11 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
         coord = Coord(port, rank, world)
         tensors = make_model(llama_spec(), device, random=True, seed=77)  # the same bytes everywhere
         torch.cuda.synchronize()
-        for piece_mib in args.control_piece_mib:
+        for piece_mib, verify in [(m, v) for v in args.control_verify for m in args.control_piece_mib]:
             manifest = Manifest.from_tensors(tensors, piece_size=piece_mib << 20)
+            ControlTransport.verify = verify == "gpu"
             for k in range(1, world):
-                key = f"control/{piece_mib}/{k}"
+                key = f"control/{piece_mib}/{verify}/{k}"
                 cfg = NodeConfig(
                     transport="nccl",
                     peers=",".join(f"127.0.0.1:{ports[j]}" for j in range(k + 1) if j != rank),
@@ -1191,6 +1214,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                             "e2e_s": max(r["end"] - r["start"] for r in rows),
                             "transfer_s": fetch_s,
                             "piece_mib": piece_mib,
+                            "verify": verify,
                             "pieces": n,
                             "pieces_per_s_per_leecher": n / fetch_s,
                             "cap_GBps_per_leecher": manifest.total_bytes / fetch_s / 1e9,
@@ -1336,11 +1360,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--control-leechers", type=int, default=3, help="control: leecher processes on GPU 0")
     ap.add_argument("--control-piece-mib", default="64,256", help="control: piece sizes to try")
+    ap.add_argument(
+        "--control-verify", default="gpu", help="control: gpu (checksum every piece), none, or both"
+    )
     ap.add_argument("--timeout", type=float, default=540.0)
     ap.add_argument("--json", default="", help="write the records here ('-' for stdout)")
     args = ap.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.control_piece_mib = [int(x) for x in str(args.control_piece_mib).split(",") if x]
+    args.control_verify = ["none", "gpu"] if args.control_verify == "both" else [args.control_verify]
     unknown = set(args.cases) - set(ALL_CASES)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(ALL_CASES)}")
