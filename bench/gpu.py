@@ -78,6 +78,7 @@ ALL_CASES = (
     "serving",
     "binding",
     "disk",
+    "cpu_costs",
     "control",
 )
 
@@ -890,6 +891,54 @@ class Worker:
                 rec["fused_error"] = f"{type(e).__name__}: {e}"[:500]
         self.record(**rec)
 
+    def cpu_costs(self) -> None:
+        """Host (CPU) microseconds per call of what the transport does for every piece (no sync)."""
+        if self.rank != 0:
+            return
+        dev = self.device
+        piece = self.manifest.byte_views(self.tensors)[0][: 64 << 20]
+        s = torch.cuda.Stream(dev)
+        pinned = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        small = torch.zeros(2, dtype=torch.int64, device=dev)
+        comm = self.nccl.init_rank(1, self.nccl.unique_id(), 0, blocking=False)[0]
+        nccl_settle(self.nccl, [comm])
+
+        def per_call(fn: Callable[[], Any], n: int = 300) -> float:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            us = (time.perf_counter() - t) / n * 1e6
+            torch.cuda.synchronize()
+            return us
+
+        def stream_ctx() -> None:
+            with torch.cuda.stream(s):
+                pass
+
+        def event_record() -> None:
+            torch.cuda.Event().record(s)
+
+        rec: dict[str, Any] = {
+            "case": "cpu_costs",
+            "leechers": 0,
+            "bytes": None,
+            "e2e_s": None,
+            "transfer_s": None,
+            "fused_checksum_us": per_call(lambda: fused_checksum_async([piece]), 100),
+            "torch_checksum_us": per_call(lambda: checksum_async([piece]), 100),
+            "stream_ctx_us": per_call(stream_ctx),
+            "event_record_us": per_call(event_record),
+            "pinned_empty_us": per_call(lambda: torch.empty(2, dtype=torch.int64, pin_memory=True)),
+            "copy_to_pinned_us": per_call(lambda: pinned.copy_(small, non_blocking=True)),
+            "nccl_async_error_us": per_call(lambda: self.nccl.async_error(comm), 2000),
+            "event_query_us": per_call(lambda: torch.cuda.Event().query(), 2000),
+        }
+        self.nccl.abort(comm)
+        self.record(**rec)
+
     def disk(self) -> None:
         if self.rank != 0:
             return
@@ -1034,6 +1083,8 @@ def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], resul
                 w.binding()
             elif case == "checksum":
                 w.checksum()
+            elif case == "cpu_costs":
+                w.cpu_costs()
             elif case == "disk":
                 w.disk()
             w.log(f"case {case} took {time.perf_counter() - t:.1f} s")
@@ -1336,7 +1387,7 @@ def table(records: list[dict[str, Any]]) -> str:
             f"{gbps:>9.1f}{rt:>11.2f}{re_:>10.2f}  {r.get('identical', '')}"
         )
     for r in records:
-        if r.get("case") in ("checksum", "serving", "binding") or "error" in r:
+        if r.get("case") in ("checksum", "serving", "binding", "cpu_costs") or "error" in r:
             extra = {
                 k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("device",)
             }
