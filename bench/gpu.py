@@ -918,6 +918,9 @@ class Worker:
             with torch.cuda.stream(s):
                 pass
 
+        def set_stream() -> None:
+            torch.cuda.set_stream(s)
+
         def event_record() -> None:
             torch.cuda.Event().record(s)
 
@@ -930,6 +933,7 @@ class Worker:
             "fused_checksum_us": per_call(lambda: fused_checksum_async([piece]), 100),
             "torch_checksum_us": per_call(lambda: checksum_async([piece]), 100),
             "stream_ctx_us": per_call(stream_ctx),
+            "set_stream_us": per_call(set_stream),
             "event_record_us": per_call(event_record),
             "pinned_empty_us": per_call(lambda: torch.empty(2, dtype=torch.int64, pin_memory=True)),
             "copy_to_pinned_us": per_call(lambda: pinned.copy_(small, non_blocking=True)),
@@ -1169,8 +1173,8 @@ class ControlTransport(NcclTransport):
         op.buf = None
         self._events().received(ch.peer, op.piece)
 
-    def _destination(self, op: Any) -> torch.Tensor:
-        buf = super()._destination(op)
+    def _destination(self, op: Any, stream: Any) -> torch.Tensor:
+        buf = super()._destination(op, stream)
         if not self.verify:
             return buf
         if op.piece >= 0 and not op.direct:
@@ -1192,6 +1196,9 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
         torch.cuda.set_device(device)
         coord = Coord(port, rank, world)
         tensors = make_model(llama_spec(), device, random=True, seed=77)  # the same bytes everywhere
+        from swarm.transport.nccl import fused_checksum_works
+
+        fused_checksum_works(device)  # compile the kernel here, not inside the first timed fetch
         torch.cuda.synchronize()
         for piece_mib, verify in [(m, v) for v in args.control_verify for m in args.control_piece_mib]:
             manifest = Manifest.from_tensors(tensors, piece_size=piece_mib << 20)
