@@ -812,7 +812,7 @@ class Worker:
                 torch.matmul(a, b, out=out)
         s.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
+        with torch.cuda.graph(graph, stream=s, capture_error_mode="thread_local"):
             for _ in range(reps):
                 torch.matmul(a, b, out=out)
         s.synchronize()
