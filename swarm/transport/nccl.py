@@ -398,6 +398,8 @@ def fused_checksum_works(device: torch.device) -> bool:
 # --- the transport ---------------------------------------------------------------------------------
 
 WARMUP_BYTES = 4
+#: A receiver repeats its "open" this often until its channel is up (control messages can be dropped).
+OPEN_RESEND_S = 1.0
 
 
 @dataclass(eq=False)
@@ -434,6 +436,8 @@ class _Chan:
     next_seq: int = 0  # seq 0 is the warm-up
     progress_at: float = 0.0  # last time the head of `flight` moved
     ready_at: float = 0.0
+    uid: bytes = b""  # receiver: the NCCL unique id it created, re-sent until the channel is up
+    opened_at: float = 0.0  # receiver: when "open" was last sent
 
 
 def _stream(device: torch.device) -> torch.cuda.Stream:
@@ -706,6 +710,7 @@ class NcclTransport(Transport):
             stream=_stream(self.device),
             side=None if sending else _stream(self.device),
             created=time.monotonic(),
+            uid=b"" if sending else uid,
         )
         self._stats["channels_opened"] += 1
         # The warm-up transfer is the channel's first operation on both sides (seq 0).
@@ -721,7 +726,8 @@ class NcclTransport(Transport):
         cid = secrets.token_hex(6)
         try:
             uid = self.nccl.unique_id()
-            self._recv[peer] = self._new_chan(peer, cid, uid, sending=False)
+            self._recv[peer] = ch = self._new_chan(peer, cid, uid, sending=False)
+            ch.opened_at = time.monotonic()
         except TransportError as e:
             log.warning("cannot open an NCCL channel from %s: %s", peer, e)
             self._events().closed(peer, f"NCCL set-up failed: {e}")
@@ -740,6 +746,8 @@ class NcclTransport(Transport):
                 log.warning("NCCL open from %s without a unique id", peer)
                 return
             old = self._send.get(peer)
+            if (old is not None and old.cid == cid) or cid in self._dead_cids:
+                return  # a repeated "open" of a channel this side already has (or has given up)
             if old is not None:
                 self._fail(old, "peer opened a new channel", notify=False, report_closed=False)
             try:
@@ -819,6 +827,11 @@ class NcclTransport(Transport):
             if state == NCCL_IN_PROGRESS:
                 if now - ch.created > self.init_timeout:
                     self._fail(ch, f"NCCL set-up did not finish within {self.init_timeout:.0f} s")
+                elif not ch.sending and now - ch.opened_at > OPEN_RESEND_S:
+                    # The control plane may have dropped "open" (a peer not yet accepted, say):
+                    # repeat it; the sender ignores copies of a channel it already has.
+                    ch.opened_at = now
+                    self._notify(ch.peer, {"op": "open", "cid": ch.cid, "uid": ch.uid})
                 return
             if state != NCCL_SUCCESS:
                 self._fail(ch, f"NCCL set-up failed: {self.nccl.error_string(state)}")

@@ -41,6 +41,7 @@ class Pair:
         self.codec = Codec()
         self.cond = threading.Condition()
         self.events: list[tuple[Any, ...]] = []
+        self.drop_opens = 0  # control messages "open" to lose on the way (a lossy control plane)
         opts = {"op_timeout": 5.0, "init_timeout": 10.0} | kw
         self.seed = NcclTransport(dev, nccl=self.nccl, **opts)  # type: ignore[arg-type]
         self.leech = NcclTransport(dev, nccl=self.nccl, **opts)  # type: ignore[arg-type]
@@ -51,12 +52,18 @@ class Pair:
                     self.events.append((me, *e))
                     self.cond.notify_all()
 
+            def deliver(peer: str, msg: Any) -> None:
+                if self.drop_opens and getattr(msg, "params", {}).get("op") == "open":
+                    self.drop_opens -= 1
+                    return
+                other().on_message(me, self.codec.decode(self.codec.encode(msg)))
+
             return Events(
                 received=lambda peer, p: note("received", peer, p),
                 failed=lambda peer, p, why: note("failed", peer, p, why),
                 sent=lambda peer, p, ok: note("sent", peer, p, ok),
                 closed=lambda peer, why: note("closed", peer, why),
-                notify=lambda peer, msg: other().on_message(me, self.codec.decode(self.codec.encode(msg))),
+                notify=deliver,
             )
 
         self.seed.bind(self.manifest, self.seed_t, wire("S", lambda: self.leech))
@@ -111,6 +118,15 @@ def test_transfer_is_byte_identical(pair: Pair) -> None:
     assert pair.identical()
     stats = pair.leech.stats()
     assert stats["pieces_received"] == n and stats["bytes_received"] == pair.manifest.total_bytes
+
+
+def test_lost_open_is_repeated(pair: Pair) -> None:
+    pair.drop_opens = 1
+    pair.leech.connect("S", {})
+    pair.seed.send("L", 0)
+    pair.wait(lambda: pair.count("L", "received") == 1, timeout=10)
+    assert pair.drop_opens == 0
+    assert pair.seed.stats()["channels_opened"] == 1
 
 
 def test_duplicates_land_once_and_right(pair: Pair) -> None:
