@@ -10,7 +10,9 @@ Shape
   groups are independent).
 - Set-up runs through the control plane: the receiver (`connect`) creates the NCCL unique id, starts its
   rank in non-blocking mode and sends the id to the seed in a `Channel` message (op "open"); the seed
-  starts rank 0 on receipt. Both ranks then post a 4-byte warm-up transfer so that NCCL's lazy
+  starts rank 0 on receipt (the receiver repeats "open" every second until the channel is up, since the
+  control plane may drop a message, and the seed ignores copies). Both ranks then post a 4-byte warm-up
+  transfer so that NCCL's lazy
   connection set-up is paid before the first piece, not during it. All of this overlaps with the
   control handshake (manifest, bitfields), and with transfers from peers already connected.
 - "Sending piece p now": NCCL needs the receiver to post the matching receive. The seed decides the
