@@ -12,9 +12,9 @@ Shape
   rank in non-blocking mode and sends the id to the seed in a `Channel` message (op "open"); the seed
   starts rank 0 on receipt (the receiver repeats "open" every second until the channel is up, since the
   control plane may drop a message, and the seed ignores copies). Both ranks then post a 4-byte warm-up
-  transfer so that NCCL's lazy
-  connection set-up is paid before the first piece, not during it. All of this overlaps with the
-  control handshake (manifest, bitfields), and with transfers from peers already connected.
+  transfer so that NCCL's lazy connection set-up is paid before the first piece, not during it. All of
+  this overlaps with the control handshake (manifest, bitfields), and with transfers from peers already
+  connected.
 - "Sending piece p now": NCCL needs the receiver to post the matching receive. The seed decides the
   order: when it issues piece p on a channel it sends `Channel(op="piece", cid, seq, piece)` and
   enqueues `ncclSend` at once; the receiver enqueues `ncclRecv` in `seq` order when the message arrives.
