@@ -605,13 +605,13 @@ class Worker:
 
     # --- the swarm: real swarm.node processes over ZMQ on loopback, static peers --------------------------
 
-    def swarm(self, k: int, stagger_s: float, label: str) -> None:
+    def swarm(self, k: int, stagger_s: float, label: str, sched: str = "default") -> None:
         """k leechers (ranks 1..k) fetch through swarm.node from the seed (rank 0) and each other;
         leecher i starts (i - 1) x stagger_s after the first."""
         from swarm.manifest import SwarmKey
         from swarm.node import Node, NodeConfig
 
-        key = f"{label}/{k}"
+        key = f"{label}/{sched}/{k}"
         ports = self.args.ports
         members = range(k + 1)
         if self.rank != 0:
@@ -626,6 +626,7 @@ class Worker:
             discovery_timeout_s=20.0,
             stall_timeout_s=30.0,
             deadline_s=120.0,
+            scheduler=_nvlink_scheduler() if sched == "nvlink" else None,
         )
         skey = SwarmKey(model_id="bench-llama8b", dtype="bfloat16", engine="bench")
         node = None
@@ -690,7 +691,7 @@ class Worker:
         self.coord.barrier(f"{key}/closed")
         if self.rank == 0:
             rows = [self.coord.get(f"{key}/r{r}") for r in range(1, k + 1)]
-            if label == "swarm" and k == 1:
+            if label == "swarm" and k == 1 and not self.coord.maybe("swarm/single_e2e"):
                 self.coord.set("swarm/single_e2e", rows[0]["end"] - rows[0]["start"])
             self.record(
                 case=label,
@@ -705,6 +706,7 @@ class Worker:
                 init_s=[r["init_s"] for r in rows],
                 checksum=rows[0]["checksum"],
                 seed_close_s=close_s,
+                scheduler=sched,
                 piece_mib=self.manifest.piece_size >> 20,
             )
 
@@ -1075,12 +1077,14 @@ def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], resul
                 for k in ks:
                     w.transport(k)
             elif case == "swarm":
-                for k in ks:
-                    w.swarm(k, 0.0, "swarm")
+                for sched in args.sched:
+                    for k in ks:
+                        w.swarm(k, 0.0, "swarm", sched)
             elif case == "swarm_staggered":  # needs 2 leechers or more
                 single = w.coord.maybe("swarm/single_e2e") or 0.5
-                for k in ks[1:]:
-                    w.swarm(k, args.stagger_s or 0.3 * single, "swarm_staggered")
+                for sched in args.sched:
+                    for k in ks[1:]:
+                        w.swarm(k, args.stagger_s or 0.3 * single, "swarm_staggered", sched)
             elif case == "serving":
                 w.serving(args.serve_seconds)
             elif case == "binding":
@@ -1148,6 +1152,26 @@ class NullNccl:
         return NCCL_SUCCESS
 
 
+def _nvlink_scheduler() -> Any:
+    """Scheduler settings for a link that moves a 64 MiB piece in ~0.2 ms while the control plane's round
+    trip is ~1 ms: keep several pieces requested and uploading per peer (a proposal, measured here)."""
+    from swarm.scheduler import SchedulerConfig
+
+    return SchedulerConfig(
+        max_uploads=16,
+        seed_max_uploads=16,
+        max_upload_queue=64,
+        seed_max_upload_queue=64,
+        min_pipeline=4,
+        max_pipeline=16,
+        max_requests=32,
+        pipeline_window_s=0.004,
+    )
+
+
+NVLINK_SCHEDULER: Any = None
+
+
 class ControlTransport(NcclTransport):
     """NcclTransport for the control measurement: where a receive would land in a staging buffer
     (packed pieces, duplicates), the buffer is filled with the piece's bytes from this process's own
@@ -1199,12 +1223,20 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
         from swarm.transport.nccl import fused_checksum_works
 
         fused_checksum_works(device)  # compile the kernel here, not inside the first timed fetch
+        global NVLINK_SCHEDULER
+        NVLINK_SCHEDULER = _nvlink_scheduler()
         torch.cuda.synchronize()
-        for piece_mib, verify in [(m, v) for v in args.control_verify for m in args.control_piece_mib]:
+        combos = [
+            (m, v, sc)
+            for sc in args.control_sched
+            for v in args.control_verify
+            for m in args.control_piece_mib
+        ]
+        for piece_mib, verify, sched in combos:
             manifest = Manifest.from_tensors(tensors, piece_size=piece_mib << 20)
             ControlTransport.verify = verify == "gpu"
             for k in range(1, world):
-                key = f"control/{piece_mib}/{verify}/{k}"
+                key = f"control/{piece_mib}/{verify}/{sched}/{k}"
                 cfg = NodeConfig(
                     transport="nccl",
                     peers=",".join(f"127.0.0.1:{ports[j]}" for j in range(k + 1) if j != rank),
@@ -1215,6 +1247,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                     discovery_timeout_s=20.0,
                     stall_timeout_s=30.0,
                     deadline_s=120.0,
+                    scheduler=NVLINK_SCHEDULER if sched == "nvlink" else None,
                 )
                 skey = SwarmKey(model_id=f"control-{piece_mib}", dtype="bfloat16", engine="bench")
                 node = None
@@ -1273,6 +1306,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                             "transfer_s": fetch_s,
                             "piece_mib": piece_mib,
                             "verify": verify,
+                            "scheduler": sched,
                             "pieces": n,
                             "pieces_per_s_per_leecher": n / fetch_s,
                             "cap_GBps_per_leecher": manifest.total_bytes / fetch_s / 1e9,
@@ -1427,6 +1461,8 @@ def main(argv: list[str] | None = None) -> int:
     args.cases = [c for c in args.cases.split(",") if c]
     args.control_piece_mib = [int(x) for x in str(args.control_piece_mib).split(",") if x]
     args.control_verify = ["none", "gpu"] if args.control_verify == "both" else [args.control_verify]
+    args.control_sched = ["default", "nvlink"] if args.control_sched == "both" else [args.control_sched]
+    args.sched = ["default", "nvlink"] if args.sched == "both" else [args.sched]
     unknown = set(args.cases) - set(ALL_CASES)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(ALL_CASES)}")
