@@ -1455,6 +1455,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--control-verify", default="gpu", help="control: gpu (checksum every piece), none, or both"
     )
+    ap.add_argument(
+        "--sched", default="both", help="swarm cases: scheduler settings: default, nvlink, or both"
+    )
+    ap.add_argument("--control-sched", default="default", help="control: scheduler: default, nvlink, or both")
     ap.add_argument("--timeout", type=float, default=540.0)
     ap.add_argument("--json", default="", help="write the records here ('-' for stdout)")
     args = ap.parse_args(argv)
