@@ -1153,20 +1153,10 @@ class NullNccl:
 
 
 def _nvlink_scheduler() -> Any:
-    """Scheduler settings for a link that moves a 64 MiB piece in ~0.2 ms while the control plane's round
-    trip is ~1 ms: keep several pieces requested and uploading per peer (a proposal, measured here)."""
-    from swarm.scheduler import SchedulerConfig
+    """The scheduler settings swarm.transport.nccl recommends for NVLink (a proposal, measured here)."""
+    from swarm.transport.nccl import recommended_scheduler
 
-    return SchedulerConfig(
-        max_uploads=16,
-        seed_max_uploads=16,
-        max_upload_queue=64,
-        seed_max_upload_queue=64,
-        min_pipeline=4,
-        max_pipeline=16,
-        max_requests=32,
-        pipeline_window_s=0.004,
-    )
+    return recommended_scheduler()
 
 
 NVLINK_SCHEDULER: Any = None
