@@ -79,7 +79,8 @@ class NodeConfig:
     peers: str | None = None
     interface: str | None = None
     transport: str = "tcp"
-    piece_size: int = DEFAULT_PIECE_SIZE
+    #: 0: the transport's default (64 MiB over TCP, 256 MiB over NCCL; see their docstrings)
+    piece_size: int = 0
     discovery_timeout_s: float = 5.0
     stall_timeout_s: float = 30.0
     deadline_s: float = 600.0
@@ -120,12 +121,33 @@ class NodeConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.piece_size <= 0:
-            raise ConfigError(f"piece_size must be > 0, got {self.piece_size}")
+        if self.piece_size < 0:
+            raise ConfigError(
+                f"piece_size must be > 0 (or 0 for the transport's default), got {self.piece_size}"
+            )
         if not 0 <= self.control_port < 65536:
             raise ConfigError(f"control_port must be a TCP port, got {self.control_port}")
         if self.rate_cap is not None and self.rate_cap <= 0:
             raise ConfigError(f"rate_cap must be > 0 bytes/s, got {self.rate_cap}")
+
+    @property
+    def effective_piece_size(self) -> int:
+        if self.piece_size:
+            return self.piece_size
+        if self.transport == "nccl":
+            from swarm.transport.nccl import RECOMMENDED_PIECE_SIZE
+
+            return RECOMMENDED_PIECE_SIZE
+        return DEFAULT_PIECE_SIZE
+
+    @property
+    def effective_scheduler(self) -> SchedulerConfig | None:
+        """The scheduler settings: explicit ones, else those the transport recommends, else the defaults."""
+        if self.scheduler is None and self.transport == "nccl":
+            from swarm.transport.nccl import recommended_scheduler
+
+            return recommended_scheduler()  # type: ignore[no-any-return]
+        return self.scheduler
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NodeConfig:
@@ -242,7 +264,7 @@ class Node:
         self.config = config or NodeConfig.from_env()
         self.key = key
         self.tensors = tensors
-        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size)
+        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.effective_piece_size)
         self.id = uuid.uuid4().hex[:12]
         self.codec = P.Codec(self.config.token)
         self.transport = transport or _make_transport(self.config)
@@ -398,7 +420,7 @@ class Node:
     def _new_scheduler(self, complete: bool) -> Scheduler:
         sizes = [p.length for p in self.manifest.pieces]
         have = range(len(sizes)) if complete else ()
-        return Scheduler(sizes, have, seed=self._rng_seed, config=self.config.scheduler)
+        return Scheduler(sizes, have, seed=self._rng_seed, config=self.config.effective_scheduler)
 
     def _start(self) -> None:
         from swarm import discovery
@@ -464,6 +486,11 @@ class Node:
     def _transport_events(self) -> Events:
         def put(kind: str) -> Callable[..., None]:
             def emit(*args: Any) -> None:
+                if kind == "notify" and threading.current_thread() is self._thread:
+                    peer = self._peers.get(args[0])
+                    if peer is not None:  # on the loop thread already: no queue hop
+                        self._send(peer, args[1], time.monotonic())
+                    return
                 self._events.put((kind, args))
                 self._wake()
 
@@ -602,6 +629,9 @@ class Node:
         elif not peer.accepted:
             if isinstance(msg, P.Error):
                 self._on_error(peer, msg, now)
+            elif isinstance(msg, (P.Channel, P.Sent)) and not peer.refused:
+                # A transport may set its channel up while the manifest check is still running.
+                self.transport.on_message(peer.id, msg)
             elif isinstance(msg, P.Bitfield):
                 peer.early_have = set(msg.pieces())
             elif isinstance(msg, P.Have):
@@ -736,9 +766,8 @@ class Node:
             self._mismatches[peer.id] = difference
             self._refuse(peer, f"holds a different manifest: {difference}")
             return
-        if (
-            len(msg.checksums) != len(self.manifest.pieces)
-            or content_digest(msg.checksums) != peer.hello.content_digest
+        if len(msg.checksums) != len(self.manifest.pieces) or (
+            peer.hello.content_digest and content_digest(msg.checksums) != peer.hello.content_digest
         ):
             self._refuse(peer, "sent checksums that do not match its content digest")
             return
@@ -761,7 +790,9 @@ class Node:
         if peer.early_have:
             self.scheduler.peer_bitfield(peer.id, peer.early_have, now)
             peer.early_have = set()
-            self._maybe_connect_data(peer)
+        # Set the data channel up now, so that it is ready by the time the first request goes out
+        # (NCCL communicators take a fraction of a second).
+        self._maybe_connect_data(peer)
         self._send(peer, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)), now)
         log.debug("accepted peer %s (%s)", peer.name, peer.hello.role)
 
@@ -1170,9 +1201,9 @@ def _interface_address(interface: str) -> str:
 
 def _make_transport(config: NodeConfig) -> Transport:
     if config.transport == "nccl":
-        from swarm.transport.nccl import NcclTransport  # type: ignore[import-not-found]
+        from swarm.transport.nccl import NcclTransport
 
-        return NcclTransport(token=config.token)  # type: ignore[no-any-return]
+        return NcclTransport(token=config.token, rate_cap=config.rate_cap, io_timeout_s=config.io_timeout_s)
     from swarm.transport.tcp import TcpTransport
 
     return TcpTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)
