@@ -738,7 +738,8 @@ class Node:
         ):
             self._refuse(peer, "sent checksums that do not match its content digest")
             return
-        if self.checksums is None:
+        first = self.checksums is None
+        if first:
             self.checksums = list(msg.checksums)
             self.transport.set_checksums(self.checksums)
         elif msg.checksums != self.checksums:
@@ -750,6 +751,15 @@ class Node:
         for other in list(self._peers.values()):
             if not other.accepted and not other.refused and other is not peer:
                 self._check_peer(other, now)
+        if first:
+            # Leechers that met this node before it had checksums are waiting for a peer that has them:
+            # a new Hello (with the content digest, and this node's peers, the seed among them) lets
+            # them take the checksums from here and dial the seed even if they missed its mDNS answer
+            # (a responder multicasts a record at most once a second, RFC 6762 section 6).
+            hello = self._hello()
+            for other in list(self._peers.values()):
+                if other is not peer and not other.refused and not other.hello.content_digest:
+                    self._send(other, hello, now)
 
     def _accept(self, peer: _Peer, now: float) -> None:
         peer.accepted = True
