@@ -256,6 +256,7 @@ class Node:
         self._dials: dict[zmq.Socket[bytes], _Dial] = {}
         self._dial_after: dict[tuple[str, int], float] = {}
         self._candidates: dict[tuple[str, int], str] = {}
+        self._seen_generation = self._seen_candidates = 0
         self._mismatches: dict[str, str] = {}
         self._bad_idents: dict[bytes, int] = {}
         self._events: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue()
@@ -510,6 +511,7 @@ class Node:
                         poller.unregister(sock)
                 self._drain_events(now)
                 self._apply(self.scheduler.tick(now), now)
+                self._dial_news(now)
                 if now >= next_housekeeping:
                     next_housekeeping = now + 0.25
                     self._housekeeping(now)
@@ -957,6 +959,17 @@ class Node:
         self._sample_rates(now)
         if self._fetching and not self.complete:
             self._check_fetch(now)
+
+    def _dial_news(self, now: float) -> None:
+        """Dial peers found since the last look (mDNS or peer exchange) now, not at the next housekeeping."""
+        generation = self._browser.generation if self._browser is not None else 0
+        if generation == self._seen_generation and len(self._candidates) == self._seen_candidates:
+            return
+        self._seen_generation = generation
+        self._discover()
+        self._seen_candidates = len(self._candidates)
+        if not self.complete:
+            self._dial_candidates(now)
 
     def _discover(self) -> None:
         if self._browser is None:
