@@ -6,10 +6,10 @@ ZeroMQ socket and the scheduler, so the scheduler needs no lock. Transport threa
 through a queue and wake the loop through a pipe.
 
 Links: a node that misses pieces dials every peer of its swarm it learns of (mDNS, the static list
-SWARM_PEERS, or the peer lists that peers share in their Hello) with a DEALER. Either end of a link may
-request pieces over it: a ROUTER answers to the DEALER's identity, and data channels are always dialed by
-the receiving side to the sending side's data port (the addresses travel in Hello), so one link per pair
-suffices and duplicates are harmless. Seeds never dial.
+SWARM_PEERS, or the peer lists that peers share in their Hello, unless `pex` is off) with a DEALER. Either
+end of a link may request pieces over it: a ROUTER answers to the DEALER's identity, and data channels are
+always dialed by the receiving side to the sending side's data port (the addresses travel in Hello), so one
+link per pair suffices and duplicates are harmless. Seeds never dial.
 
 Handshake on a link: both sides send Hello (swarm key, manifest digest, content digest, data-plane
 parameters). A different swarm key is refused with an `Error("wrong_key")`; a different manifest is
@@ -89,6 +89,10 @@ class NodeConfig:
     host: str | None = None
     control_port: int = 0
     mdns: bool = True
+    #: Peer exchange: dial the peers that peers list in their Hello. Off, a node talks only to the peers
+    #: it finds itself (mDNS, static list); with mdns off and a static list of seeds, a leecher then pulls
+    #: from those seeds alone (the one-seed fan-out that bench/lan.py compares the swarm against).
+    pex: bool = True
     rate_cap: float | None = None
     seed: int | None = None
     scheduler: SchedulerConfig | None = None
@@ -105,6 +109,7 @@ class NodeConfig:
         "host": "SWARM_HOST",
         "control_port": "SWARM_PORT",
         "mdns": "SWARM_MDNS",
+        "pex": "SWARM_PEX",
         "rate_cap": "SWARM_RATE_CAP",
     }
 
@@ -692,6 +697,8 @@ class Node:
             self._reply(ident, None, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)))
 
     def _learn_pex(self, msg: P.Hello) -> None:
+        if not self.config.pex:
+            return
         for entry in msg.data.get("peers", [])[:_MAX_PEX]:
             if (
                 isinstance(entry, list)
