@@ -87,8 +87,9 @@ def _sample(node: Any, samples: list[Any], period: float = 0.1) -> None:
                 inflight = sum(len(v) for v in node.scheduler.in_flight().values())
             except RuntimeError:  # changed under our feet (the node's thread owns it): debug only
                 inflight = -1
+            sent = int(getattr(node.scheduler, "_sent_mask", 0)).bit_count()  # distinct pieces uploaded
             samples.append(
-                (time.monotonic(), node.bytes_in, node.bytes_out, node.scheduler.held_count, inflight)
+                (time.monotonic(), node.bytes_in, node.bytes_out, node.scheduler.held_count, inflight, sent)
             )
             time.sleep(period)
 
@@ -129,12 +130,14 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     key = synthetic_key(size)
     node = None
+    samples: list[Any] = []
     if seed:
         node = Node(key, tensors, cfg, complete=True).start()
+        if args.debug:
+            _sample(node, samples)
         _emit(event="ready", startup_s=time.monotonic() - t_spawn, port=node.control_port)
     else:
         _emit(event="ready", startup_s=time.monotonic() - t_spawn)
-    samples: list[Any] = []
     timeline: list[tuple[float, int]] = []
     for line in sys.stdin:
         cmd = line.strip()
@@ -261,7 +264,7 @@ def run_phase(lan: Any, args: argparse.Namespace, phase: str, model_bytes: int, 
         for i, p in enumerate(procs):
             p.send("digest")
             if args.debug:
-                dbg = p.expect_json(_event("debug"), args.timeout) if i else {}
+                dbg = p.expect_json(_event("debug"), args.timeout)
                 os.makedirs(args.debug, exist_ok=True)
                 Path(args.debug, f"{phase}-h{i}.json").write_text(json.dumps(dbg))
             digests.append(p.expect_json(_event("digest"), args.timeout))
