@@ -284,6 +284,7 @@ def run_phase(lan: Any, args: argparse.Namespace, phase: str, model_bytes: int, 
             "first_piece_s": round(max(d["t_first"] - t_go for d in done), 3),
             "node_start_s": round(max(d["t_started"] - d["t_go"] for d in done), 3),
             "startup_s": round(max(startup), 2),
+            "startup_plus_fetch_s": round(max(startup) + elapsed, 2),  # as if fetching right after start-up
             "seed_copies": round(seed_out / model_bytes, 3),
             "from_leechers_fraction": round(from_leechers / total_in, 3) if total_in else 0.0,
             "identical": True,
