@@ -6,10 +6,10 @@ ZeroMQ socket and the scheduler, so the scheduler needs no lock. Transport threa
 through a queue and wake the loop through a pipe.
 
 Links: a node that misses pieces dials every peer of its swarm it learns of (mDNS, the static list
-SWARM_PEERS, or the peer lists that peers share in their Hello) with a DEALER. Either end of a link may
-request pieces over it: a ROUTER answers to the DEALER's identity, and data channels are always dialed by
-the receiving side to the sending side's data port (the addresses travel in Hello), so one link per pair
-suffices and duplicates are harmless. Seeds never dial.
+SWARM_PEERS, or the peer lists that peers share in their Hello, unless `pex` is off) with a DEALER. Either
+end of a link may request pieces over it: a ROUTER answers to the DEALER's identity, and data channels are
+always dialed by the receiving side to the sending side's data port (the addresses travel in Hello), so one
+link per pair suffices and duplicates are harmless. Seeds never dial.
 
 Handshake on a link: both sides send Hello (swarm key, manifest digest, content digest, data-plane
 parameters). A different swarm key is refused with an `Error("wrong_key")`; a different manifest is
@@ -90,6 +90,10 @@ class NodeConfig:
     host: str | None = None
     control_port: int = 0
     mdns: bool = True
+    #: Peer exchange: dial the peers that peers list in their Hello. Off, a node talks only to the peers
+    #: it finds itself (mDNS, static list); with mdns off and a static list of seeds, a leecher then pulls
+    #: from those seeds alone (the one-seed fan-out that bench/lan.py compares the swarm against).
+    pex: bool = True
     rate_cap: float | None = None
     seed: int | None = None
     scheduler: SchedulerConfig | None = None
@@ -106,6 +110,7 @@ class NodeConfig:
         "host": "SWARM_HOST",
         "control_port": "SWARM_PORT",
         "mdns": "SWARM_MDNS",
+        "pex": "SWARM_PEX",
         "rate_cap": "SWARM_RATE_CAP",
     }
 
@@ -278,6 +283,7 @@ class Node:
         self._dials: dict[zmq.Socket[bytes], _Dial] = {}
         self._dial_after: dict[tuple[str, int], float] = {}
         self._candidates: dict[tuple[str, int], str] = {}
+        self._seen_generation = self._seen_candidates = 0
         self._mismatches: dict[str, str] = {}
         self._bad_idents: dict[bytes, int] = {}
         self._events: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue()
@@ -456,7 +462,10 @@ class Node:
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
         if self.config.mdns:
-            self._advertiser = discovery.Advertiser(self._advert(), interface=self.config.interface)
+            # No name probe: the instance id is 48 random bits, and probing costs 0.75 s of start-up.
+            self._advertiser = discovery.Advertiser(
+                self._advert(), interface=self.config.interface, probe=False
+            )
             self._advertiser.start()
             self._browser = discovery.Browser(key_digest=self.key.digest, interface=self.config.interface)
         self._thread = threading.Thread(target=self._loop, name=f"swarm-node-{self.id}", daemon=True)
@@ -541,6 +550,7 @@ class Node:
                         poller.unregister(sock)
                 self._drain_events(now)
                 self._apply(self.scheduler.tick(now), now)
+                self._dial_news(now)
                 if now >= next_housekeeping:
                     next_housekeeping = now + 0.25
                     self._housekeeping(now)
@@ -724,6 +734,8 @@ class Node:
             self._reply(ident, None, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)))
 
     def _learn_pex(self, msg: P.Hello) -> None:
+        if not self.config.pex:
+            return
         for entry in _list_field(msg.data, "peers")[:_MAX_PEX]:
             if (
                 isinstance(entry, list)
@@ -771,7 +783,8 @@ class Node:
         ):
             self._refuse(peer, "sent checksums that do not match its content digest")
             return
-        if self.checksums is None:
+        first = self.checksums is None
+        if first:
             self.checksums = list(msg.checksums)
             self.transport.set_checksums(self.checksums)
         elif msg.checksums != self.checksums:
@@ -783,6 +796,15 @@ class Node:
         for other in list(self._peers.values()):
             if not other.accepted and not other.refused and other is not peer:
                 self._check_peer(other, now)
+        if first:
+            # Leechers that met this node before it had checksums are waiting for a peer that has them:
+            # a new Hello (with the content digest, and this node's peers, the seed among them) lets
+            # them take the checksums from here and dial the seed even if they missed its mDNS answer
+            # (a responder multicasts a record at most once a second, RFC 6762 section 6).
+            hello = self._hello()
+            for other in list(self._peers.values()):
+                if other is not peer and not other.refused and not other.hello.content_digest:
+                    self._send(other, hello, now)
 
     def _accept(self, peer: _Peer, now: float) -> None:
         peer.accepted = True
@@ -982,6 +1004,17 @@ class Node:
         self._sample_rates(now)
         if self._fetching and not self.complete:
             self._check_fetch(now)
+
+    def _dial_news(self, now: float) -> None:
+        """Dial peers found since the last look (mDNS or peer exchange) now, not at the next housekeeping."""
+        generation = self._browser.generation if self._browser is not None else 0
+        if generation == self._seen_generation and len(self._candidates) == self._seen_candidates:
+            return
+        self._seen_generation = generation
+        self._discover()
+        self._seen_candidates = len(self._candidates)
+        if not self.complete:
+            self._dial_candidates(now)
 
     def _discover(self) -> None:
         if self._browser is None:
