@@ -288,6 +288,14 @@ class StatusReply(Message):
 
 
 @dataclass(frozen=True)
+class Ping(Message):
+    """Liveness: sent on an idle link; any message from a peer proves it alive."""
+
+    TYPE: ClassVar[str] = "ping"
+    SCHEMA: ClassVar[Mapping[str, Check]] = {}
+
+
+@dataclass(frozen=True)
 class Goodbye(Message):
     TYPE: ClassVar[str] = "goodbye"
     SCHEMA: ClassVar[Mapping[str, Check]] = {"reason": Str(200)}
@@ -319,6 +327,7 @@ MESSAGES: dict[str, type[Message]] = {
         Channel,
         StatusQuery,
         StatusReply,
+        Ping,
         Goodbye,
         Error,
     )

@@ -24,6 +24,7 @@ from swarm.protocol import (
     Hello,
     ManifestQuery,
     ManifestReply,
+    Ping,
     Reject,
     Request,
     Sent,
@@ -56,6 +57,7 @@ EXAMPLES = [
     Channel("nccl", {"uid": b"\x00" * 128, "rank": 0}),
     StatusQuery(),
     StatusReply({"role": "seed", "progress": 1.0, "peers": [{"id": "x", "bytes": 5}]}),
+    Ping(),
     Goodbye("done"),
     Error("busy", "try later"),
 ]

@@ -1,0 +1,1161 @@
+"""One swarm member: the control loop that drives swarm.scheduler over ZeroMQ and a transport.
+
+A `Node` owns the tensors of one rank. It binds a ZeroMQ ROUTER (peers reach it there) and a transport's
+data port, advertises itself (mDNS, swarm.discovery), and runs one control-loop thread that owns every
+ZeroMQ socket and the scheduler, so the scheduler needs no lock. Transport threads report piece events
+through a queue and wake the loop through a pipe.
+
+Links: a node that misses pieces dials every peer of its swarm it learns of (mDNS, the static list
+SWARM_PEERS, or the peer lists that peers share in their Hello) with a DEALER. Either end of a link may
+request pieces over it: a ROUTER answers to the DEALER's identity, and data channels are always dialed by
+the receiving side to the sending side's data port (the addresses travel in Hello), so one link per pair
+suffices and duplicates are harmless. Seeds never dial.
+
+Handshake on a link: both sides send Hello (swarm key, manifest digest, content digest, data-plane
+parameters). A different swarm key is refused with an `Error("wrong_key")`; a different manifest is
+fetched (`ManifestQuery`) only to report a readable difference, then refused; a leecher without piece
+checksums takes them from the first peer whose content digest matches its manifest. A peer is *accepted*
+(known to the scheduler) only after these checks. Pieces are checked against the checksums before they
+are announced (Have) or served.
+
+Liveness: any message proves a peer alive; idle links are pinged every `peer_timeout_s / 3`; a peer silent
+for `peer_timeout_s`, or whose data channel broke, is dropped: its requests go elsewhere, its transport
+resources are freed, and it may be dialed again if it is still advertised (after a back-off).
+
+Failure, never a hang: `fetch()` raises `NoSeedError` when no usable peer is found within
+`discovery_timeout_s` (`ManifestMismatchError` when every peer found holds another manifest),
+`StallError` when no piece arrived for `stall_timeout_s`, when some missing pieces have been held by no
+live peer for `discovery_timeout_s`, or past `deadline_s`; the node stays up so the caller can load
+elsewhere and call `mark_complete()`. `close()` withdraws the advert, says goodbye, and ends every
+thread and socket within bounded time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+import zmq
+
+from swarm import protocol as P
+from swarm.errors import (
+    ConfigError,
+    FetchError,
+    ManifestError,
+    ManifestMismatchError,
+    NoSeedError,
+    ProtocolError,
+    StallError,
+    SwarmError,
+)
+from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, content_digest, piece_checksums
+from swarm.scheduler import Cancel, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.transport.base import Events, Transport
+
+log = logging.getLogger("swarm.node")
+
+Progress = Callable[[int, int], None]
+_LOOP_TICK_S = 0.02
+_DIAL_BACKOFF_S = 2.0
+_MAX_PEX = 32
+_MAX_PROTOCOL_ERRORS = 20
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Options of a node. `from_env` reads the SWARM_* environment variables as defaults."""
+
+    token: str | None = None
+    peers: str | None = None
+    interface: str | None = None
+    transport: str = "tcp"
+    piece_size: int = DEFAULT_PIECE_SIZE
+    discovery_timeout_s: float = 5.0
+    stall_timeout_s: float = 30.0
+    deadline_s: float = 600.0
+    peer_timeout_s: float = 6.0
+    io_timeout_s: float = 30.0
+    model_name: str = ""
+    host: str | None = None
+    control_port: int = 0
+    mdns: bool = True
+    rate_cap: float | None = None
+    seed: int | None = None
+    scheduler: SchedulerConfig | None = None
+
+    ENV: ClassVar[dict[str, str]] = {
+        "token": "SWARM_TOKEN",
+        "peers": "SWARM_PEERS",
+        "interface": "SWARM_INTERFACE",
+        "transport": "SWARM_TRANSPORT",
+        "piece_size": "SWARM_PIECE_SIZE",
+        "discovery_timeout_s": "SWARM_DISCOVERY_TIMEOUT",
+        "stall_timeout_s": "SWARM_STALL_TIMEOUT",
+        "deadline_s": "SWARM_DEADLINE",
+        "host": "SWARM_HOST",
+        "control_port": "SWARM_PORT",
+        "mdns": "SWARM_MDNS",
+        "rate_cap": "SWARM_RATE_CAP",
+    }
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("tcp", "nccl"):
+            raise ConfigError(f"unknown transport {self.transport!r}", hint="use 'tcp' or 'nccl'")
+        for name in (
+            "discovery_timeout_s",
+            "stall_timeout_s",
+            "deadline_s",
+            "peer_timeout_s",
+            "io_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.piece_size <= 0:
+            raise ConfigError(f"piece_size must be > 0, got {self.piece_size}")
+        if not 0 <= self.control_port < 65536:
+            raise ConfigError(f"control_port must be a TCP port, got {self.control_port}")
+        if self.rate_cap is not None and self.rate_cap <= 0:
+            raise ConfigError(f"rate_cap must be > 0 bytes/s, got {self.rate_cap}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NodeConfig:
+        """Defaults < environment (SWARM_*) < explicit overrides. Bad values raise ConfigError."""
+        env = os.environ if env is None else env
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, var in cls.ENV.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[name] = _parse(var, raw, str(types[name]))
+        unknown = set(overrides) - set(types)
+        if unknown:
+            raise ConfigError(f"unknown swarm option(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(var: str, raw: str, typ: str) -> Any:
+    try:
+        if "bool" in typ:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "int" in typ:
+            return parse_size(raw)
+        if "float" in typ:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a valid {typ.replace(' | None', '')}") from None
+    return raw
+
+
+def parse_size(text: str) -> int:
+    """'64MiB', '512MB', '1GB', '4096' -> bytes (binary multiples for both spellings)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = 1
+    if t and t[-1] in units:
+        mult, t = units[t[-1]], t[:-1]
+    value = float(t)
+    if value < 0:
+        raise ValueError(text)
+    return int(value * mult)
+
+
+@dataclass
+class FetchReport:
+    bytes_by_peer: dict[str, int]
+    peer_names: dict[str, str]
+    seconds: float
+    total_bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.total_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        parts = ", ".join(
+            f"{self.peer_names.get(p, p)}: {b / 1e6:.1f} MB" for p, b in sorted(self.bytes_by_peer.items())
+        )
+        return f"{self.total_bytes / 1e6:.1f} MB in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) from {parts}"
+
+
+@dataclass
+class _Dial:
+    host: str
+    port: int
+    sock: zmq.Socket[bytes]
+    started: float
+    peer: str | None = None
+
+
+@dataclass
+class _Peer:
+    id: str
+    hello: P.Hello
+    dials: list[_Dial] = field(default_factory=list)
+    idents: set[bytes] = field(default_factory=set)
+    hosts: list[str] = field(default_factory=list)
+    accepted: bool = False
+    refused: str = ""
+    data_connected: bool = False
+    last_seen: float = 0.0
+    last_sent: float = 0.0
+    bytes_from: int = 0
+    bytes_to: int = 0
+    failures: int = 0
+    #: pieces announced before the peer was accepted (a Bitfield can overtake our manifest check)
+    early_have: set[int] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        host = self.hosts[0] if self.hosts else "?"
+        return f"{self.id}@{host}"
+
+
+class Node:
+    """A swarm member holding one rank's tensors. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        key: SwarmKey,
+        tensors: Mapping[str, torch.Tensor],
+        config: NodeConfig | None = None,
+        *,
+        complete: bool,
+        manifest: Manifest | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.config = config or NodeConfig.from_env()
+        self.key = key
+        self.tensors = tensors
+        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size)
+        self.id = uuid.uuid4().hex[:12]
+        self.codec = P.Codec(self.config.token)
+        self.transport = transport or _make_transport(self.config)
+        self.checksums: list[str] | None = piece_checksums(self.manifest, tensors) if complete else None
+        self.complete = complete
+        self._rng_seed = self.config.seed if self.config.seed is not None else random.randrange(1 << 30)
+        self.scheduler = self._new_scheduler(complete)
+        self.started_at = time.time()
+        self._peers: dict[str, _Peer] = {}
+        self._by_ident: dict[bytes, str] = {}
+        self._dials: dict[zmq.Socket[bytes], _Dial] = {}
+        self._dial_after: dict[tuple[str, int], float] = {}
+        self._candidates: dict[tuple[str, int], str] = {}
+        self._mismatches: dict[str, str] = {}
+        self._bad_idents: dict[bytes, int] = {}
+        self._events: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._router: zmq.Socket[bytes] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._advertiser: Any = None
+        self._browser: Any = None
+        self.host = ""
+        self.addresses: list[str] = []
+        self.control_port = 0
+        self.data_params: dict[str, Any] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._rate_samples: list[tuple[float, int, int]] = []
+        # fetch state, shared with the caller's thread under _cv
+        self._cv = threading.Condition()
+        self._fetching = False
+        self._fetch_error: SwarmError | None = None
+        self._fetch_started = 0.0
+        self._last_progress = 0.0
+        self._unavailable_since: float | None = None
+        self._held_bytes = self.manifest.total_bytes if complete else 0
+
+    # --- public API -------------------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return "seed" if self.complete else "leecher"
+
+    def start(self) -> Node:
+        """Bind the control and data ports, advertise, and start serving in the background."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fetch(self, progress: Progress | None = None) -> FetchReport:
+        """Pull every missing piece into the tensors; blocks until done or a FetchError."""
+        if self._thread is None:
+            raise FetchError("start() the node before fetch()")
+        total = self.manifest.total_bytes
+        if self.complete:
+            return FetchReport({}, {}, 0.0, total)
+        with self._cv:
+            self._fetch_started = self._last_progress = time.monotonic()
+            self._fetch_error = None
+            self._fetching = True
+        self._wake()
+        shown = -1
+        try:
+            with self._cv:
+                while not self.complete and self._fetch_error is None:
+                    if not self._thread.is_alive():
+                        raise FetchError("the node's control loop stopped")
+                    self._cv.wait(0.1)
+                    if progress is not None and self._held_bytes != shown:
+                        shown = self._held_bytes
+                        self._cv.release()
+                        try:
+                            progress(shown, total)
+                        finally:
+                            self._cv.acquire()
+                if self._fetch_error is not None:
+                    raise self._fetch_error
+        finally:
+            with self._cv:
+                self._fetching = False
+        if progress is not None and shown != total:
+            progress(total, total)
+        peers = {p.id: p.bytes_from for p in self._peers.values() if p.bytes_from}
+        names = {p.id: p.name for p in self._peers.values()}
+        return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
+
+    def mark_complete(self) -> None:
+        """The tensors now hold the full model (loaded elsewhere): checksum it and serve as a seed."""
+        checksums = piece_checksums(self.manifest, self.tensors)
+        self._post("complete", checksums)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        up, down = self._rates(now)
+        held = self.scheduler.held_count
+        return {
+            "instance": self.id,
+            "host": self.host or socket.gethostname(),
+            "port": self.control_port,
+            "model": self.config.model_name or self.key.model_id,
+            "key": self.key.digest,
+            "rank": self.key.rank,
+            "role": self.role,
+            "transport": self.transport.name,
+            "progress": round(self._held_bytes / self.manifest.total_bytes, 4)
+            if self.manifest.total_bytes
+            else 1.0,
+            "pieces": held,
+            "pieces_total": len(self.manifest.pieces),
+            "bytes": self.manifest.total_bytes,
+            "up_Bps": up,
+            "down_Bps": down,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "peers": len([p for p in self._peers.values() if p.accepted]),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "authenticated": self.codec.authenticated,
+            "from": {p.id: p.bytes_from for p in list(self._peers.values()) if p.bytes_from},
+            "to": {p.id: p.bytes_to for p in list(self._peers.values()) if p.bytes_to},
+        }
+
+    def close(self) -> None:
+        """Withdraw the advert, say goodbye, end every thread, socket and channel (bounded time)."""
+        self._stop.set()
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10.0)
+        if self._thread is None or not self._thread.is_alive():
+            self._teardown()
+
+    # --- start-up ---------------------------------------------------------------------------------
+
+    def _new_scheduler(self, complete: bool) -> Scheduler:
+        sizes = [p.length for p in self.manifest.pieces]
+        have = range(len(sizes)) if complete else ()
+        return Scheduler(sizes, have, seed=self._rng_seed, config=self.config.scheduler)
+
+    def _start(self) -> None:
+        from swarm import discovery
+
+        if not self.codec.authenticated:
+            log.warning("no cluster token (SWARM_TOKEN): this swarm is open to anyone on the LAN")
+        bind = self.config.host or "0.0.0.0"
+        if self.config.interface and not self.config.host:
+            bind = _interface_address(self.config.interface)
+        self.addresses = _own_addresses(bind)
+        self.host = self.addresses[0]
+        self.transport.bind(self.manifest, self.tensors, self._transport_events())
+        self.transport.peer_id = self.id  # type: ignore[attr-defined]
+        if self.checksums is not None:
+            self.transport.set_checksums(self.checksums)
+        self.data_params = self.transport.open(bind)
+        self._ctx = zmq.Context()
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + 1024)
+        router.setsockopt(zmq.SNDHWM, 10000)
+        router.setsockopt(zmq.RCVHWM, 10000)
+        addr = f"[{bind}]" if ":" in bind else bind
+        if ":" in bind:
+            router.setsockopt(zmq.IPV6, 1)
+        if self.config.control_port:
+            router.bind(f"tcp://{addr}:{self.config.control_port}")
+            self.control_port = self.config.control_port
+        else:
+            self.control_port = router.bind_to_random_port(f"tcp://{addr}")
+        self._router = router
+        for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
+            self._candidates[(host, port)] = ""
+        if self.config.mdns:
+            self._advertiser = discovery.Advertiser(self._advert(), interface=self.config.interface)
+            self._advertiser.start()
+            self._browser = discovery.Browser(key_digest=self.key.digest, interface=self.config.interface)
+        self._thread = threading.Thread(target=self._loop, name=f"swarm-node-{self.id}", daemon=True)
+        self._thread.start()
+        log.info(
+            "swarm node %s (%s, %s) listening on %s:%d, %s",
+            self.id,
+            self.key.describe(),
+            self.role,
+            self.host,
+            self.control_port,
+            self.manifest,
+        )
+
+    def _advert(self) -> Any:
+        from swarm import discovery
+
+        return discovery.Advert(
+            instance_id=self.id,
+            key_digest=self.key.digest,
+            model=self.config.model_name or self.key.model_id,
+            rank=self.key.rank,
+            role=self.role,
+            control_port=self.control_port,
+        )
+
+    def _transport_events(self) -> Events:
+        def put(kind: str) -> Callable[..., None]:
+            def emit(*args: Any) -> None:
+                self._events.put((kind, args))
+                self._wake()
+
+            return emit
+
+        return Events(
+            received=put("received"),
+            failed=put("failed"),
+            sent=put("sent"),
+            closed=put("closed"),
+            notify=put("notify"),
+        )
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _post(self, kind: str, *args: Any) -> None:
+        self._events.put((kind, args))
+        self._wake()
+
+    # --- the control loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        assert self._router is not None
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_housekeeping = 0.0
+        try:
+            while not self._stop.is_set():
+                for sock in self._dials:
+                    if sock not in _registered(poller):
+                        poller.register(sock, zmq.POLLIN)
+                ready = dict(poller.poll(int(_LOOP_TICK_S * 1000)))
+                now = time.monotonic()
+                if self._wake_r in ready:
+                    _drain(self._wake_r)
+                if self._router in ready:
+                    self._read_router(now)
+                for sock in list(self._dials):
+                    if sock in ready:
+                        self._read_dial(self._dials[sock], now)
+                for sock in list(_registered(poller)):
+                    if isinstance(sock, zmq.Socket) and sock is not self._router and sock not in self._dials:
+                        poller.unregister(sock)
+                self._drain_events(now)
+                self._apply(self.scheduler.tick(now), now)
+                if now >= next_housekeeping:
+                    next_housekeeping = now + 0.25
+                    self._housekeeping(now)
+        except Exception as e:  # the loop must never die silently: fail the fetch with the cause
+            log.exception("swarm node %s control loop failed", self.id)
+            self._fail_fetch(FetchError(f"control loop failed: {type(e).__name__}: {e}"))
+        finally:
+            self._say_goodbye()
+            self._teardown()
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _read_router(self, now: float) -> None:
+        assert self._router is not None
+        for _ in range(1000):
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(parts) != 2:
+                continue
+            ident, frame = parts
+            if self._bad_idents.get(ident, 0) >= _MAX_PROTOCOL_ERRORS:
+                continue
+            peer_id = self._by_ident.get(ident)
+            pieces = len(self.manifest.pieces)
+            try:
+                msg = self.codec.decode(frame, pieces)
+            except ProtocolError as e:
+                self._bad_idents[ident] = self._bad_idents.get(ident, 0) + 1
+                self._router.send_multipart([ident, self.codec.encode(P.Error("protocol", str(e)[:500]))])
+                continue
+            self._handle(msg, now, ident=ident, peer_id=peer_id)
+
+    def _read_dial(self, dial: _Dial, now: float) -> None:
+        for _ in range(1000):
+            try:
+                frame = dial.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = self.codec.decode(frame, len(self.manifest.pieces))
+            except ProtocolError as e:
+                log.warning("dropping link to %s:%d: %s", dial.host, dial.port, e)
+                self._close_dial(dial, backoff=True)
+                return
+            self._handle(msg, now, dial=dial, peer_id=dial.peer)
+            if dial.sock not in self._dials:
+                return
+
+    # --- handling ---------------------------------------------------------------------------------
+
+    def _handle(
+        self,
+        msg: P.Message,
+        now: float,
+        *,
+        ident: bytes | None = None,
+        dial: _Dial | None = None,
+        peer_id: str | None = None,
+    ) -> None:
+        if isinstance(msg, P.StatusQuery):
+            self._reply(ident, dial, P.StatusReply(self.status()))
+            return
+        if isinstance(msg, P.Hello):
+            self._on_hello(msg, now, ident, dial)
+            return
+        peer = self._peers.get(peer_id) if peer_id else None
+        if peer is None:
+            if isinstance(msg, P.Ping):
+                self._reply(ident, dial, P.Ping())
+            elif not isinstance(msg, (P.Error, P.Goodbye)):
+                self._reply(ident, dial, P.Error("hello_first", "send Hello before anything else"))
+            return
+        peer.last_seen = now
+        if isinstance(msg, P.Ping):
+            if ident is not None:
+                self._reply(ident, None, P.Ping())
+        elif isinstance(msg, P.ManifestQuery):
+            if self.checksums is None:
+                self._send(peer, P.Error("no_manifest", "this node has no checksums yet"), now)
+            else:
+                self._send(peer, P.ManifestReply(self.manifest.to_wire(), self.checksums), now)
+        elif isinstance(msg, P.ManifestReply):
+            self._on_manifest(peer, msg, now)
+        elif not peer.accepted:
+            if isinstance(msg, P.Error):
+                self._on_error(peer, msg, now)
+            elif isinstance(msg, P.Bitfield):
+                peer.early_have = set(msg.pieces())
+            elif isinstance(msg, P.Have):
+                peer.early_have.add(msg.piece)
+            return
+        elif isinstance(msg, P.Bitfield):
+            self.scheduler.peer_bitfield(peer.id, msg.pieces(), now)
+            self._maybe_connect_data(peer)
+        elif isinstance(msg, P.Have):
+            self.scheduler.peer_have(peer.id, msg.piece, now)
+            self._maybe_connect_data(peer)
+        elif isinstance(msg, P.Request):
+            self._apply(self.scheduler.upload_requested(peer.id, msg.piece, now), now)
+        elif isinstance(msg, P.Cancel):
+            self.scheduler.upload_cancelled(peer.id, msg.piece, now)
+            self.transport.cancel(peer.id, msg.piece)
+        elif isinstance(msg, P.Reject):
+            self._unexpect(peer.id, msg.piece)
+            self.scheduler.piece_failed(peer.id, msg.piece, now, "refused" if msg.busy else "error")
+        elif isinstance(msg, (P.Channel, P.Sent)):
+            self.transport.on_message(peer.id, msg)
+        elif isinstance(msg, P.Goodbye):
+            self._drop_peer(peer, f"said goodbye ({msg.reason})", now)
+        elif isinstance(msg, P.Error):
+            self._on_error(peer, msg, now)
+
+    def _hello(self) -> P.Hello:
+        data = dict(self.data_params)
+        data["addrs"] = self.addresses[:8]
+        data["ctl"] = self.control_port
+        data["peers"] = [
+            [p.id, p.hosts[0], int(p.hello.data.get("ctl", 0))]
+            for p in list(self._peers.values())[:_MAX_PEX]
+            if p.accepted and p.hosts and isinstance(p.hello.data.get("ctl"), int)
+        ]
+        return P.Hello(
+            peer_id=self.id,
+            key=self.key.to_wire(),
+            key_digest=self.key.digest,
+            manifest_digest=self.manifest.digest,
+            content_digest=content_digest(self.checksums) if self.checksums is not None else "",
+            role=self.role,
+            transport=self.transport.name,
+            data=data,
+        )
+
+    def _on_hello(self, msg: P.Hello, now: float, ident: bytes | None, dial: _Dial | None) -> None:
+        if msg.peer_id == self.id:
+            if dial is not None:
+                self._close_dial(dial, backoff=False, forever=True)
+            return
+        if msg.key_digest != self.key.digest:
+            try:
+                theirs = SwarmKey.from_wire(msg.key).describe()
+            except ManifestError:
+                theirs = msg.key_digest
+            self._mismatches[msg.peer_id] = f"other swarm key: {theirs}"
+            if dial is not None:
+                self._close_dial(dial, backoff=True)
+            else:
+                self._reply(ident, None, P.Error("wrong_key", f"this node serves {self.key.describe()}"))
+            return
+        if msg.transport != self.transport.name:
+            self._mismatches[msg.peer_id] = f"uses transport {msg.transport}, this node {self.transport.name}"
+            self._reply(ident, dial, P.Error("wrong_transport", f"this node uses {self.transport.name}"))
+            return
+        peer = self._peers.get(msg.peer_id)
+        if peer is None:
+            peer = _Peer(msg.peer_id, msg, last_seen=now)
+            self._peers[msg.peer_id] = peer
+        peer.hello = msg
+        peer.last_seen = now
+        hosts = [h for h in msg.data.get("addrs", []) if isinstance(h, str)]
+        if dial is not None:
+            dial.peer = msg.peer_id
+            if dial not in peer.dials:
+                peer.dials.append(dial)
+            self._candidates[(dial.host, dial.port)] = msg.peer_id
+            hosts = [dial.host, *[h for h in hosts if h != dial.host]]
+        if ident is not None:
+            peer.idents.add(ident)
+            self._by_ident[ident] = msg.peer_id
+            self._reply(ident, None, self._hello())
+        if hosts:
+            peer.hosts = hosts
+        self._learn_pex(msg)
+        if not peer.accepted:
+            self._check_peer(peer, now)
+        elif ident is not None:
+            self._reply(ident, None, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)))
+
+    def _learn_pex(self, msg: P.Hello) -> None:
+        for entry in msg.data.get("peers", [])[:_MAX_PEX]:
+            if (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and isinstance(entry[1], str)
+                and isinstance(entry[2], int)
+                and 0 < entry[2] < 65536
+                and entry[0] != self.id
+                and entry[0] not in self._peers
+            ):
+                self._candidates.setdefault((entry[1], entry[2]), "")
+
+    def _check_peer(self, peer: _Peer, now: float) -> None:
+        """Accept the peer once its manifest (and, for a leecher, the checksums) are known to match."""
+        h = peer.hello
+        if h.manifest_digest != self.manifest.digest:
+            self._send(peer, P.ManifestQuery(), now)  # only to report a readable difference
+            return
+        if (
+            h.content_digest
+            and self.checksums is not None
+            and h.content_digest != content_digest(self.checksums)
+        ):
+            self._refuse(peer, "holds different bytes for the same manifest (another checkpoint?)")
+            return
+        if self.checksums is None:
+            if h.content_digest:
+                self._send(peer, P.ManifestQuery(), now)
+            return  # a leecher without checksums: wait for one that has them
+        self._accept(peer, now)
+
+    def _on_manifest(self, peer: _Peer, msg: P.ManifestReply, now: float) -> None:
+        try:
+            theirs = Manifest.from_wire(msg.manifest)
+        except ManifestError as e:
+            self._refuse(peer, f"sent a malformed manifest: {e}")
+            return
+        difference = self.manifest.diff(theirs)
+        if difference is not None:
+            self._mismatches[peer.id] = difference
+            self._refuse(peer, f"holds a different manifest: {difference}")
+            return
+        if (
+            len(msg.checksums) != len(self.manifest.pieces)
+            or content_digest(msg.checksums) != peer.hello.content_digest
+        ):
+            self._refuse(peer, "sent checksums that do not match its content digest")
+            return
+        if self.checksums is None:
+            self.checksums = list(msg.checksums)
+            self.transport.set_checksums(self.checksums)
+        elif msg.checksums != self.checksums:
+            self._refuse(peer, "holds different bytes for the same manifest (another checkpoint?)")
+            return
+        if not peer.accepted:
+            self._accept(peer, now)
+        # Peers that were waiting for checksums can be accepted now.
+        for other in list(self._peers.values()):
+            if not other.accepted and not other.refused and other is not peer:
+                self._check_peer(other, now)
+
+    def _accept(self, peer: _Peer, now: float) -> None:
+        peer.accepted = True
+        self.scheduler.peer_joined(peer.id, now)
+        if peer.early_have:
+            self.scheduler.peer_bitfield(peer.id, peer.early_have, now)
+            peer.early_have = set()
+            self._maybe_connect_data(peer)
+        self._send(peer, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)), now)
+        log.debug("accepted peer %s (%s)", peer.name, peer.hello.role)
+
+    def _refuse(self, peer: _Peer, why: str) -> None:
+        log.warning("not using peer %s: %s", peer.name, why)
+        peer.refused = why
+        self._mismatches.setdefault(peer.id, why)
+        for dial in list(peer.dials):
+            self._close_dial(dial, backoff=False, forever=True)
+
+    def _on_error(self, peer: _Peer, msg: P.Error, now: float) -> None:
+        log.warning("peer %s answered %s: %s", peer.name, msg.code, msg.message)
+        if msg.code in ("wrong_key", "wrong_transport", "auth"):
+            self._refuse(peer, msg.message)
+
+    def _maybe_connect_data(self, peer: _Peer) -> None:
+        if self.complete or peer.data_connected or not peer.accepted:
+            return
+        params = dict(peer.hello.data)
+        params["host"] = peer.hosts[0] if peer.hosts else ""
+        try:
+            self.transport.connect(peer.id, params)
+            peer.data_connected = True
+        except SwarmError as e:
+            self._refuse(peer, str(e))
+
+    # --- decisions --------------------------------------------------------------------------------
+
+    def _apply(self, decisions: list[Any], now: float) -> None:
+        for d in decisions:
+            peer = self._peers.get(d.peer)
+            if peer is None:
+                continue
+            if isinstance(d, Request):
+                self._maybe_connect_data(peer)
+                self.transport.expect(peer.id, d.piece)
+                self._send(peer, P.Request(d.piece), now)
+            elif isinstance(d, Cancel):
+                self._unexpect(peer.id, d.piece)
+                self._send(peer, P.Cancel(d.piece), now)
+            elif isinstance(d, Serve):
+                if _has_channel(self.transport, peer.id):
+                    self.transport.send(peer.id, d.piece)
+                else:
+                    self._send(peer, P.Reject(d.piece, True, "data channel not ready"), now)
+                    self._apply(self.scheduler.upload_finished(peer.id, d.piece, now, False), now)
+            elif isinstance(d, Refuse):
+                self._send(peer, P.Reject(d.piece, d.reason == "busy", d.reason[:200]), now)
+
+    def _unexpect(self, peer: str, piece: int) -> None:
+        unexpect = getattr(self.transport, "unexpect", None)
+        if unexpect is not None:
+            unexpect(peer, piece)
+
+    def _drain_events(self, now: float) -> None:
+        while True:
+            try:
+                kind, args = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "received":
+                self._on_received(args[0], args[1], now)
+            elif kind == "failed":
+                peer_id, piece, reason = args
+                if peer_id in self._peers:
+                    self.scheduler.piece_failed(peer_id, piece, now, reason)
+                    if reason == "bad_checksum":
+                        self._peers[peer_id].failures += 1
+                        log.warning("piece %d from %s failed its checksum", piece, self._peers[peer_id].name)
+            elif kind == "sent":
+                peer_id, piece, ok = args
+                if ok:
+                    n = self.manifest.pieces[piece].length
+                    self.bytes_out += n
+                    if peer_id in self._peers:
+                        self._peers[peer_id].bytes_to += n
+                if peer_id in self._peers:
+                    self._apply(self.scheduler.upload_finished(peer_id, piece, now, ok), now)
+            elif kind == "closed":
+                peer = self._peers.get(args[0])
+                if peer is not None:
+                    self._drop_peer(peer, args[1], now)
+            elif kind == "notify":
+                peer = self._peers.get(args[0])
+                if peer is not None:
+                    self._send(peer, args[1], now)
+            elif kind == "complete":
+                self._become_seed(args[0], now)
+
+    def _on_received(self, peer_id: str, piece: int, now: float) -> None:
+        if self.scheduler.has(piece):
+            return  # an endgame duplicate: same verified bytes
+        n = self.manifest.pieces[piece].length
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return  # the peer was dropped meanwhile: the piece is fetched again (same verified bytes)
+        peer.bytes_from += n
+        self.bytes_in += n
+        decisions = self.scheduler.piece_received(peer_id, piece, now)
+        with self._cv:
+            self._held_bytes += n
+            self._last_progress = now
+            self._cv.notify_all()
+        self._apply(decisions, now)
+        have = P.Have(piece)
+        for p in list(self._peers.values()):
+            if p.accepted:
+                self._send(p, have, now)
+        if self.scheduler.complete:
+            self._finish_fetch(now)
+
+    def _finish_fetch(self, now: float) -> None:
+        with self._cv:
+            self.complete = True
+            self._cv.notify_all()
+        log.info("swarm node %s holds the whole model; serving as a seed", self.id)
+        if self._advertiser is not None:
+            self._advertiser.update(role="seed")
+
+    def _become_seed(self, checksums: list[str], now: float) -> None:
+        self.checksums = checksums
+        self.transport.set_checksums(checksums)
+        self.scheduler = self._new_scheduler(True)
+        with self._cv:
+            self._held_bytes = self.manifest.total_bytes
+            self.complete = True
+            self._cv.notify_all()
+        if self._advertiser is not None:
+            self._advertiser.update(role="seed")
+        for peer in list(self._peers.values()):
+            if peer.refused:
+                continue
+            peer.accepted = False
+            self._check_peer(peer, now)
+            self._send(peer, self._hello(), now)
+
+    # --- sending ----------------------------------------------------------------------------------
+
+    def _send(self, peer: _Peer, msg: P.Message, now: float) -> None:
+        frame = self.codec.encode(msg)
+        peer.last_sent = now
+        for dial in peer.dials:
+            if dial.sock in self._dials:
+                dial.sock.send(frame, zmq.NOBLOCK)
+                return
+        for ident in peer.idents:
+            assert self._router is not None
+            try:
+                self._router.send_multipart([ident, frame], zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("control queue to %s is full; dropping %s", peer.name, msg.TYPE)
+            return
+
+    def _reply(self, ident: bytes | None, dial: _Dial | None, msg: P.Message) -> None:
+        frame = self.codec.encode(msg)
+        try:
+            if ident is not None:
+                assert self._router is not None
+                self._router.send_multipart([ident, frame], zmq.NOBLOCK)
+            elif dial is not None:
+                dial.sock.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.debug("reply %s not sent: %s", msg.TYPE, e)
+
+    def _say_goodbye(self) -> None:
+        now = time.monotonic()
+        for peer in list(self._peers.values()):
+            try:
+                self._send(peer, P.Goodbye("closing"), now)
+            except zmq.ZMQError:
+                pass
+
+    # --- peers and dials --------------------------------------------------------------------------
+
+    def _housekeeping(self, now: float) -> None:
+        self._discover()
+        if not self.complete:
+            self._dial_candidates(now)
+        for dial in list(self._dials.values()):
+            if dial.peer is None and now - dial.started > self.config.peer_timeout_s:
+                self._close_dial(dial, backoff=True)
+        for peer in list(self._peers.values()):
+            if now - peer.last_seen > self.config.peer_timeout_s:
+                self._drop_peer(peer, f"silent for {self.config.peer_timeout_s:.0f} s", now)
+            elif now - peer.last_sent > self.config.peer_timeout_s / 3:
+                self._send(peer, P.Ping(), now)
+        self._sample_rates(now)
+        if self._fetching and not self.complete:
+            self._check_fetch(now)
+
+    def _discover(self) -> None:
+        if self._browser is None:
+            return
+        from swarm import discovery
+
+        for ad in self._browser.peers():
+            if ad.instance_id == self.id or ad.instance_id in self._peers:
+                continue
+            host = ad.host or discovery.pick_host(list(ad.addresses))
+            if host:
+                self._candidates.setdefault((host, ad.control_port), ad.instance_id)
+
+    def _dial_candidates(self, now: float) -> None:
+        assert self._ctx is not None
+        dialing = {(d.host, d.port) for d in self._dials.values()}
+        for addr, known_id in list(self._candidates.items()):
+            if addr in dialing or self._dial_after.get(addr, 0.0) > now:
+                continue
+            if (
+                known_id
+                and known_id in self._peers
+                and (self._peers[known_id].dials or self._peers[known_id].refused)
+            ):
+                continue
+            if known_id == self.id or (addr[0] in self.addresses and addr[1] == self.control_port):
+                continue
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + 1024)
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+            if ":" in addr[0]:
+                sock.setsockopt(zmq.IPV6, 1)
+            sock.connect(f"tcp://{host}:{addr[1]}")
+            dial = _Dial(addr[0], addr[1], sock, now)
+            self._dials[sock] = dial
+            sock.send(self.codec.encode(self._hello()), zmq.NOBLOCK)
+            self._dial_after[addr] = now + _DIAL_BACKOFF_S
+
+    def _close_dial(self, dial: _Dial, *, backoff: bool, forever: bool = False) -> None:
+        self._dials.pop(dial.sock, None)
+        dial.sock.close(0)
+        addr = (dial.host, dial.port)
+        if forever:
+            self._dial_after[addr] = float("inf")
+        elif backoff:
+            self._dial_after[addr] = time.monotonic() + _DIAL_BACKOFF_S
+        if dial.peer and dial.peer in self._peers:
+            peer = self._peers[dial.peer]
+            if dial in peer.dials:
+                peer.dials.remove(dial)
+
+    def _drop_peer(self, peer: _Peer, why: str, now: float) -> None:
+        log.info("peer %s gone: %s", peer.name, why)
+        self._peers.pop(peer.id, None)
+        for ident in peer.idents:
+            self._by_ident.pop(ident, None)
+        for dial in list(peer.dials):
+            self._close_dial(dial, backoff=True)
+        self.transport.drop(peer.id)
+        if peer.accepted:
+            self._apply(self.scheduler.peer_left(peer.id, now), now)
+
+    # --- fetch supervision ------------------------------------------------------------------------
+
+    def _check_fetch(self, now: float) -> None:
+        cfg = self.config
+        accepted = [p for p in self._peers.values() if p.accepted]
+        elapsed = now - self._fetch_started
+        if elapsed > cfg.deadline_s:
+            self._fail_fetch(self._stall(f"the fetch passed its deadline of {cfg.deadline_s:.0f} s"))
+        elif not accepted and self.scheduler.held_count == 0 and elapsed > cfg.discovery_timeout_s:
+            if self._mismatches and all(
+                "manifest" in why or "key" in why for why in self._mismatches.values()
+            ):
+                first = next(iter(self._mismatches.items()))
+                self._fail_fetch(
+                    ManifestMismatchError(
+                        f"no peer of {self.key.describe()} holds this manifest "
+                        f"({len(self._mismatches)} refused)",
+                        difference=f"{first[0]}: {first[1]}",
+                    )
+                )
+            else:
+                self._fail_fetch(
+                    NoSeedError(
+                        f"no seed of {self.key.describe()} found within {cfg.discovery_timeout_s:.0f} s",
+                        hint="check that a seed runs with the same model and layout, that multicast reaches "
+                        "this host (or set SWARM_PEERS=host:port), and SWARM_INTERFACE",
+                    )
+                )
+        elif now - self._last_progress > cfg.stall_timeout_s:
+            self._fail_fetch(self._stall(f"no piece arrived for {cfg.stall_timeout_s:.0f} s"))
+        else:
+            unavailable = self.scheduler.unavailable()
+            if not unavailable:
+                self._unavailable_since = None
+            elif self._unavailable_since is None:
+                self._unavailable_since = now
+            elif now - self._unavailable_since > cfg.discovery_timeout_s and not self.scheduler.in_flight():
+                self._fail_fetch(self._stall(f"no live peer holds {len(unavailable)} missing piece(s)"))
+
+    def _stall(self, why: str) -> StallError:
+        missing = self.scheduler.missing()
+        tried = {
+            p.name: sorted(self.scheduler.in_flight().get(p.id, set()))
+            for p in self._peers.values()
+            if p.accepted
+        }
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        peers = ", ".join(tried) or "none"
+        return StallError(
+            f"{why}: {len(missing)} piece(s) missing ({shown}); peers: {peers}",
+            missing=missing,
+            tried=tried,
+            hint="the loader falls back to disk",
+        )
+
+    def _fail_fetch(self, error: SwarmError) -> None:
+        with self._cv:
+            if self._fetching and self._fetch_error is None:
+                self._fetch_error = error
+            self._cv.notify_all()
+
+    # --- rates and teardown -----------------------------------------------------------------------
+
+    def _sample_rates(self, now: float) -> None:
+        self._rate_samples.append((now, self.bytes_in, self.bytes_out))
+        while len(self._rate_samples) > 2 and now - self._rate_samples[0][0] > 3.0:
+            self._rate_samples.pop(0)
+
+    def _rates(self, now: float) -> tuple[float, float]:
+        samples = list(self._rate_samples)
+        if len(samples) < 2:
+            return 0.0, 0.0
+        (t0, i0, o0), (t1, i1, o1) = samples[0], samples[-1]
+        dt = max(t1 - t0, 1e-3)
+        return round((o1 - o0) / dt), round((i1 - i0) / dt)
+
+    def _teardown(self) -> None:
+        if getattr(self, "_torn_down", False):
+            return
+        self._torn_down = True
+        for closer in (self._advertiser, self._browser):
+            if closer is not None:
+                try:
+                    closer.close()
+                except SwarmError as e:
+                    log.warning("discovery close: %s", e)
+        self.transport.close()
+        for dial in list(self._dials.values()):
+            dial.sock.close(0)
+        self._dials.clear()
+        if self._router is not None:
+            self._router.close(0)
+        if self._ctx is not None:
+            self._ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fail_fetch(FetchError("the node was closed"))
+
+
+def _registered(poller: zmq.Poller) -> list[Any]:
+    return [s for s, _ in poller.sockets]
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _has_channel(transport: Transport, peer: str) -> bool:
+    check = getattr(transport, "has_channel", None)
+    return bool(check(peer)) if check is not None else True
+
+
+def _own_addresses(bind: str) -> list[str]:
+    """Addresses peers can reach this node at: the bind address, or every usable local IPv4 address."""
+    if bind not in ("0.0.0.0", "::"):
+        return [bind]
+    from swarm import discovery
+
+    addrs = [str(a.ip) for i in discovery.local_interfaces() if i.up for a in i.addresses if a.version == 4]
+    ordered = [a for a in addrs if not a.startswith(("127.", "169.254."))] + ["127.0.0.1"]
+    return list(dict.fromkeys(ordered))
+
+
+def _interface_address(interface: str) -> str:
+    """The IPv4 address to bind for SWARM_INTERFACE (a name such as eth0, or an address)."""
+    from swarm import discovery
+
+    interfaces = discovery.local_interfaces()
+    for iface in interfaces:
+        for a in iface.addresses:
+            if str(a.ip) == interface or (iface.name == interface and a.version == 4):
+                return str(a.ip)
+    names = ", ".join(f"{i.name} ({', '.join(str(a.ip) for a in i.addresses)})" for i in interfaces)
+    raise ConfigError(f"no IPv4 address on interface {interface!r}", hint=f"available: {names or 'none'}")
+
+
+def _make_transport(config: NodeConfig) -> Transport:
+    if config.transport == "nccl":
+        from swarm.transport.nccl import NcclTransport  # type: ignore[import-not-found]
+
+        return NcclTransport(token=config.token)  # type: ignore[no-any-return]
+    from swarm.transport.tcp import TcpTransport
+
+    return TcpTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)
