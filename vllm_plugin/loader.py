@@ -259,7 +259,18 @@ class SwarmModelLoader(BaseModelLoader):
         from swarm.node import Node
 
         node = Node(key, swarmed.tensors, config, complete=False, manifest=manifest)
-        node.start()
+        try:
+            node.start()
+        except ConfigError:
+            raise
+        except (SwarmError, OSError, RuntimeError) as e:  # zmq.ZMQError is a RuntimeError
+            reason = f"the swarm node could not start ({type(e).__name__}: {e})"
+            if not self.options.fallback:
+                raise RuntimeError(f"--load-format swarm: {reason}, and fallback to disk is off") from e
+            logger.warning("swarm: %s; loading from disk, not seeding", reason)
+            LAST_LOAD.update(source="disk", reason=reason, seeding=False)
+            self._load_from_disk(model, model_config, why=reason)
+            return None, None, None
         _register_node(node)
         reason = self._fetch(node, manifest)
         if reason is None:

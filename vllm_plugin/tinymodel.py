@@ -4,7 +4,9 @@
 generation_config.json, model.safetensors (random weights from a fixed seed, so every run writes the
 same bytes), and a word-level tokenizer built with the `tokenizers` library (tokenizer.json +
 tokenizer_config.json + special_tokens_map.json). `kind="qwen2"` writes a Qwen2-style model with
-`tie_word_embeddings=true` (one tensor serves as input embedding and output head).
+`tie_word_embeddings=true` (one tensor serves as input embedding and output head), in float32: vLLM
+0.32's CPU build dies with SIGILL running a bf16 Qwen2 (the biased qkv projection) on AMX machines such
+as these, while the float32 one runs.
 
 `copy_without_weights(src, dst)` makes the directory a swarm leecher starts from: everything but the
 weight files.
@@ -88,6 +90,8 @@ def _config(kind: str, vocab_size: int, hidden: int, layers: int) -> dict[str, A
         "torch_dtype": "bfloat16",
         "initializer_range": 0.5,
     }
+    if kind == "qwen2":
+        common["torch_dtype"] = "float32"
     if kind == "llama":
         return {
             **common,
@@ -170,6 +174,7 @@ def make_tiny_model(
     )
     _tokenizer_files(path, vocab_size)
 
+    dtype = torch.float32 if config["torch_dtype"] == "float32" else torch.bfloat16
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in _tensor_shapes(config).items():
@@ -178,7 +183,7 @@ def make_tiny_model(
             value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
             value = torch.randn(shape, generator=gen) * (0.5 if len(shape) > 1 else 0.1)
-        state[name] = value.to(torch.bfloat16).contiguous()
+        state[name] = value.to(dtype).contiguous()
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
