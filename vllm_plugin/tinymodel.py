@@ -6,7 +6,7 @@ same bytes), and a word-level tokenizer built with the `tokenizers` library (tok
 tokenizer_config.json + special_tokens_map.json). `kind="qwen2"` writes a Qwen2-style model with
 `tie_word_embeddings=true` (one tensor serves as input embedding and output head), in float32: vLLM
 0.32's CPU build dies with SIGILL running a bf16 Qwen2 (the biased qkv projection) on AMX machines such
-as these, while the float32 one runs.
+as these, while a float32 one runs (serve it with `--dtype float32`: on CPU, vLLM's "auto" picks bf16).
 
 `copy_without_weights(src, dst)` makes the directory a swarm leecher starts from: everything but the
 weight files.

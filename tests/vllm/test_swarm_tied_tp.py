@@ -16,9 +16,13 @@ pytestmark = pytest.mark.vllm
 
 def test_tied_embeddings_qwen2(servers: Servers, models: dict[str, Path]) -> None:
     pa, pb = free_port(), free_port()
-    a = servers.start("Q1", models["tiny-qwen2"], swarm=swarm_opts(pa, piece_size="64KiB")).wait_ready()
+    # float32: vLLM's CPU build picks bf16 for float32 checkpoints, and dies with SIGILL on a bf16 Qwen2
+    f32 = {"extra_args": ["--dtype", "float32"]}
+    a = servers.start(
+        "Q1", models["tiny-qwen2"], swarm=swarm_opts(pa, piece_size="64KiB"), **f32
+    ).wait_ready()
     reference = [a.complete(p) for p in PROMPTS]
-    b = servers.start("Q2", models["tiny-qwen2:leech"], swarm=swarm_opts(pb, [pa], piece_size="64KiB"))
+    b = servers.start("Q2", models["tiny-qwen2:leech"], swarm=swarm_opts(pb, [pa], piece_size="64KiB"), **f32)
     b.wait_ready()
     try:
         assert [b.complete(p) for p in PROMPTS] == reference
