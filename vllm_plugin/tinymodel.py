@@ -4,9 +4,10 @@
 generation_config.json, model.safetensors (random weights from a fixed seed, so every run writes the
 same bytes), and a word-level tokenizer built with the `tokenizers` library (tokenizer.json +
 tokenizer_config.json + special_tokens_map.json). `kind="qwen2"` writes a Qwen2-style model with
-`tie_word_embeddings=true` (one tensor serves as input embedding and output head), in float32: vLLM
-0.32's CPU build dies with SIGILL running a bf16 Qwen2 (the biased qkv projection) on AMX machines such
-as these, while a float32 one runs (serve it with `--dtype float32`: on CPU, vLLM's "auto" picks bf16).
+`tie_word_embeddings=true` (one tensor serves as input embedding and output head). Serve the Qwen2 one
+with `--dtype float32`: vLLM 0.32's CPU build kills its worker (SIGILL) running it in bf16 on these AMX
+machines, and in float32 for some prompts (one of 4 tokens) or from a float32 checkpoint; whatever the
+loader.
 
 `copy_without_weights(src, dst)` makes the directory a swarm leecher starts from: everything but the
 weight files.
@@ -90,8 +91,6 @@ def _config(kind: str, vocab_size: int, hidden: int, layers: int) -> dict[str, A
         "torch_dtype": "bfloat16",
         "initializer_range": 0.5,
     }
-    if kind == "qwen2":
-        common["torch_dtype"] = "float32"
     if kind == "llama":
         return {
             **common,
@@ -174,7 +173,6 @@ def make_tiny_model(
     )
     _tokenizer_files(path, vocab_size)
 
-    dtype = torch.float32 if config["torch_dtype"] == "float32" else torch.bfloat16
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in _tensor_shapes(config).items():
@@ -183,7 +181,7 @@ def make_tiny_model(
             value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
             value = torch.randn(shape, generator=gen) * (0.5 if len(shape) > 1 else 0.1)
-        state[name] = value.to(dtype).contiguous()
+        state[name] = value.to(torch.bfloat16).contiguous()
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
