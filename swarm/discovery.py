@@ -33,7 +33,7 @@ Limits
   with SO_REUSEPORT) and a Browser owns two more threads (zeroconf's browser thread and a resolver).
   Every one of them is closed by ``close()``, which is bounded in time.
 
-Errors are subclasses of :class:`DiscoveryError` (to move under ``swarm.errors.SwarmError``).
+Errors are subclasses of :class:`swarm.errors.DiscoveryError`.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ from zeroconf import (
 from zeroconf._dns import DNSQuestion  # the SRV refresh query (see _check_liveness)
 from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV
+
+from swarm.errors import DiscoveryError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -128,8 +130,7 @@ _T = TypeVar("_T")
 # --------------------------------------------------------------------------------------------- errors
 
 
-class DiscoveryError(Exception):
-    """Base class of discovery errors."""
+# DiscoveryError (a swarm.errors.SwarmError) is the base of the errors below.
 
 
 class AdvertError(DiscoveryError, ValueError):

@@ -18,15 +18,22 @@ the pipelining term of the cooperative lower bound (k + log2(N+1) - 1) / k stays
 swarms. Over TCP at ~1 GB/s a piece is ~64 ms, small enough for fair sharing between peers. Models of a
 few MB (tests, demos) should pass a smaller `piece_size`.
 
-Checksum: two 64-bit sums over the piece's bytes read as little-endian int32 words `x_j` (zero-padded to
-a whole word): `s1 = sum(x_j)` and `s2 = sum(x_j * w_j)`, with `w_j` a fixed pseudo-random odd weight of
-the word's position (a 32-bit integer hash, so identical on every device). Integer addition is exact and
-associative, so the value does not depend on the device or the reduction order. It runs with torch on
-the tensor's own device and only the 16-byte result crosses to the host. It detects any single changed
-word, swapped words and random corruption (a 2^-64-ish chance to miss); it is NOT a cryptographic hash:
-protection against a malicious peer comes from the authenticated control plane (cluster token), not
-from the checksum. Cost on a GPU: a few memory passes over the piece (measured figure in
-docs/benchmarks.md once the GPU benchmark runs).
+Checksums (the algorithm is part of the manifest, so nodes that would compute different values for the
+same bytes see different manifests and say so, instead of calling each other's bytes wrong):
+
+- ``wsum32`` (tensors on a GPU): two 64-bit sums over the piece's bytes read as little-endian int32 words
+  `x_j` (zero-padded to a whole word): `s1 = sum(x_j)` and `s2 = sum(x_j * w_j)`, with `w_j` a fixed
+  pseudo-random odd weight of the word's position (a 32-bit integer hash, identical on every device).
+  Integer addition is exact and associative, so the value does not depend on the device or the
+  reduction order. It runs with torch on the tensor's own device and only the 16-byte result crosses to
+  the host. It detects any single changed word, swapped words and random corruption (a 2^-64-ish chance
+  to miss). Cost on a GPU: a few memory passes over the piece (figure in docs/benchmarks.md).
+- ``blake3`` (tensors in host memory): BLAKE3 truncated to 128 bits, fed the spans' memory without a
+  copy. On the 2-core CPUs here it hashes ~2 GB/s where torch's integer reductions that `wsum32` needs
+  reach 0.2-0.3 GB/s: on the CPU the weighted sum would be slower than a 1 GB/s link.
+
+Neither is a defence against a malicious peer: that comes from the authenticated control plane
+(cluster token). The checksum guards against corruption and bugs.
 
 Swarm key: what must match for two ranks' pieces to be interchangeable (model identity, dtype,
 quantization, engine version, parallel layout and rank). Two keys are equal only when every field is.
@@ -123,7 +130,14 @@ def cut_pieces(sizes: Sequence[int], piece_size: int) -> tuple[Piece, ...]:
 class Manifest:
     """The ordered tensors of one rank and their pieces. Immutable; equal when the digests are."""
 
-    def __init__(self, tensors: Sequence[TensorSpec], piece_size: int = DEFAULT_PIECE_SIZE) -> None:
+    def __init__(
+        self, tensors: Sequence[TensorSpec], piece_size: int = DEFAULT_PIECE_SIZE, checksum: str = "blake3"
+    ) -> None:
+        if checksum not in CHECKSUMS:
+            raise ManifestError(
+                f"unknown checksum algorithm {checksum!r}", hint=f"one of {', '.join(CHECKSUMS)}"
+            )
+        self.checksum = checksum
         if len(tensors) > MAX_TENSORS:
             raise ManifestError(f"{len(tensors)} tensors is more than the supported {MAX_TENSORS}")
         names = set()
@@ -144,14 +158,20 @@ class Manifest:
 
     @classmethod
     def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], piece_size: int = DEFAULT_PIECE_SIZE
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        piece_size: int = DEFAULT_PIECE_SIZE,
+        checksum: str | None = None,
     ) -> Manifest:
-        """Describe an ordered mapping of tensors. Non-contiguous tensors are refused, not copied."""
+        """Describe an ordered mapping of tensors. Non-contiguous tensors are refused, not copied.
+        The checksum algorithm defaults to the one suited to the tensors' device."""
         specs = []
+        device = torch.device("cpu")
         for name, t in tensors.items():
             _require_contiguous(name, t)
             specs.append(TensorSpec(name, dtype_name(t.dtype), tuple(t.shape), t.numel() * t.element_size()))
-        return cls(specs, piece_size)
+            device = t.device
+        return cls(specs, piece_size, checksum or default_checksum(device))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Manifest) and other.digest == self.digest
@@ -171,6 +191,10 @@ class Manifest:
         """None when equal, else a readable description of the first difference."""
         if self.piece_size != other.piece_size:
             return f"piece size {self.piece_size} here, {other.piece_size} there"
+        if self.checksum != other.checksum:
+            return (
+                f"checksum {self.checksum} here, {other.checksum} there (tensors on another kind of device?)"
+            )
         for i, (a, b) in enumerate(zip(self.tensors, other.tensors, strict=False)):
             if a != b:
                 return f"tensor #{i}: expected {a.describe()}, peer has {b.describe()}"
@@ -198,6 +222,7 @@ class Manifest:
     def to_wire(self) -> dict[str, Any]:
         return {
             "piece_size": self.piece_size,
+            "checksum": self.checksum,
             "tensors": [[t.name, t.dtype, list(t.shape), t.nbytes] for t in self.tensors],
         }
 
@@ -207,6 +232,9 @@ class Manifest:
         try:
             piece_size = data["piece_size"]
             rows = data["tensors"]
+            algorithm = data["checksum"]
+            if algorithm not in CHECKSUMS:
+                raise ManifestError(f"unknown checksum algorithm {algorithm!r:.40}")
             if not isinstance(piece_size, int) or not 0 < piece_size <= 1 << 40:
                 raise ManifestError(f"bad piece size {piece_size!r}")
             if not isinstance(rows, list) or len(rows) > MAX_TENSORS:
@@ -227,7 +255,7 @@ class Manifest:
                 specs.append(TensorSpec(name, dtype, tuple(shape), nbytes))
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"malformed manifest: {e}") from e
-        return cls(specs, piece_size)
+        return cls(specs, piece_size, algorithm)
 
     # --- tensor memory ----------------------------------------------------------------------------
 
@@ -274,6 +302,13 @@ def _canonical(obj: Any) -> bytes:
 
 
 # --- checksums ------------------------------------------------------------------------------------
+
+CHECKSUMS = ("blake3", "wsum32")
+
+
+def default_checksum(device: torch.device) -> str:
+    return "wsum32" if device.type == "cuda" else "blake3"
+
 
 _weights: dict[torch.device, torch.Tensor] = {}
 
@@ -331,8 +366,20 @@ def checksum_async(views: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def checksum(views: Sequence[torch.Tensor]) -> str:
+def _blake3(views: Sequence[torch.Tensor]) -> str:
+    import blake3
+
+    h = blake3.blake3()
+    for v in views:
+        if v.numel():
+            h.update((v if v.device.type == "cpu" else v.cpu()).numpy().data)
+    return str(h.hexdigest(length=16))
+
+
+def checksum(views: Sequence[torch.Tensor], algorithm: str = "blake3") -> str:
     """Checksum of the concatenated uint8 views, as 32 hex characters."""
+    if algorithm == "blake3":
+        return _blake3(views)
     s1, s2 = (int(v) & 0xFFFFFFFFFFFFFFFF for v in checksum_async(views).tolist())
     return f"{s1:016x}{s2:016x}"
 
@@ -340,6 +387,8 @@ def checksum(views: Sequence[torch.Tensor]) -> str:
 def piece_checksums(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Checksums of every piece of `tensors` (one pass over the memory, on its device)."""
     views = manifest.byte_views(tensors)
+    if manifest.checksum == "blake3":
+        return [_blake3(manifest.piece_views(views, p.index)) for p in manifest.pieces]
     sums = [checksum_async(manifest.piece_views(views, p.index)) for p in manifest.pieces]
     if not sums:
         return []

@@ -356,7 +356,7 @@ class TcpTransport(Transport):
     def _deliver(self, peer: str, piece: int, data: memoryview) -> None:
         assert self.manifest is not None
         staged = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-        if self.checksums is None or checksum([staged]) != self.checksums[piece]:
+        if self.checksums is None or checksum([staged], self.manifest.checksum) != self.checksums[piece]:
             self._emit_failed(peer, piece, "bad_checksum")
             return
         offset = 0

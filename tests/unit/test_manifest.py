@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from swarm.errors import ManifestError, ManifestMismatchError
 from swarm.manifest import (
+    CHECKSUMS,
     Manifest,
     SwarmKey,
     TensorSpec,
@@ -118,38 +119,57 @@ def test_non_contiguous_is_refused() -> None:
         Manifest.from_tensors({"w": t})
 
 
-def test_checksum_detects_any_single_byte_change_and_swaps() -> None:
+@pytest.mark.parametrize("algorithm", CHECKSUMS)
+def test_checksum_detects_any_single_byte_change_and_swaps(algorithm: str) -> None:
     data = torch.randint(0, 256, (4096 + 3,), dtype=torch.uint8)
-    base = checksum([data])
+    base = checksum([data], algorithm)
     for pos in [0, 1, 2, 3, 100, 4095, 4096, 4098]:
         changed = data.clone()
         changed[pos] ^= 0x10
-        assert checksum([changed]) != base, pos
+        assert checksum([changed], algorithm) != base, pos
     swapped = data.clone()
     swapped[0:4], swapped[4:8] = data[4:8].clone(), data[0:4].clone()
     if not torch.equal(data[0:4], data[4:8]):
-        assert checksum([swapped]) != base
+        assert checksum([swapped], algorithm) != base
 
 
 @settings(max_examples=100, deadline=None)
-@given(data=st.binary(min_size=0, max_size=600), cuts=st.lists(st.integers(0, 600), max_size=5))
-def test_checksum_depends_on_bytes_not_on_how_they_are_split(data: bytes, cuts: list[int]) -> None:
+@given(
+    data=st.binary(min_size=0, max_size=600),
+    cuts=st.lists(st.integers(0, 600), max_size=5),
+    algorithm=st.sampled_from(CHECKSUMS),
+)
+def test_checksum_depends_on_bytes_not_on_how_they_are_split(
+    data: bytes, cuts: list[int], algorithm: str
+) -> None:
     whole = (
         torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     )
     bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
     parts = [whole[a:b] for a, b in itertools.pairwise(bounds)]
-    assert checksum(parts) == checksum([whole])
+    assert checksum(parts, algorithm) == checksum([whole], algorithm)
 
 
-def test_checksum_same_on_unaligned_views() -> None:
+@pytest.mark.parametrize("algorithm", CHECKSUMS)
+def test_checksum_same_on_unaligned_views(algorithm: str) -> None:
     data = torch.randint(0, 256, (1001,), dtype=torch.uint8)
-    assert checksum([data[1:]]) == checksum([data[1:].clone()])
+    assert checksum([data[1:]], algorithm) == checksum([data[1:].clone()], algorithm)
 
 
-def test_piece_checksums_catch_corruption_in_the_right_piece() -> None:
+def test_checksum_algorithms_differ_and_are_part_of_the_manifest() -> None:
+    src = make([100, 5000])
+    a, b = Manifest.from_tensors(src, 1024), Manifest.from_tensors(src, 1024, checksum="wsum32")
+    assert a.checksum == "blake3"  # CPU tensors
+    assert a != b and "checksum blake3 here, wsum32 there" in (a.diff(b) or "")
+    assert piece_checksums(a, src) != piece_checksums(b, src)
+    with pytest.raises(ManifestError, match="unknown checksum"):
+        Manifest(list(a.tensors), 1024, checksum="md5")
+
+
+@pytest.mark.parametrize("algorithm", CHECKSUMS)
+def test_piece_checksums_catch_corruption_in_the_right_piece(algorithm: str) -> None:
     src = make([100, 5000, 17, 4], seed=1)
-    m = Manifest.from_tensors(src, piece_size=1024)
+    m = Manifest.from_tensors(src, piece_size=1024, checksum=algorithm)
     good = piece_checksums(m, src)
     src["t1"][3000] ^= 1
     bad = piece_checksums(m, src)
