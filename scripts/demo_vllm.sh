@@ -7,9 +7,10 @@
 # On a GPU install the servers are simply: vllm serve MODEL --load-format swarm
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-PY=.venv/bin/python
-SWARM=.venv/bin/swarm
+# DEMO_PYTHON=/path/to/python runs with that interpreter as it is (no setup), e.g. an existing venv.
+if [ -z "${DEMO_PYTHON:-}" ]; then bash scripts/setup.sh; fi
+PY=${DEMO_PYTHON:-.venv/bin/python}
+SWARM=("$PY" -m swarm.cli)
 WORK=${WORK:-$(mktemp -d -t vllm-swarm-demo.XXXXXX)}
 PROMPT=${PROMPT:-"the cat saw a dog"}
 export SWARM_INTERFACE=${SWARM_INTERFACE:-lo} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
@@ -44,7 +45,7 @@ complete() { # port model
         -d "{\"model\": \"$2\", \"prompt\": \"$PROMPT\", \"max_tokens\": 16, \"temperature\": 0}" |
         "$PY" -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["text"])'
 }
-swarm_lines() { grep -a "swarm: \(no seed\|loaded\|refused\|tied\)" "$WORK/$1.log" | sed 's/^.*\] //' | sed 's/^/   /'; }
+swarm_lines() { grep -a "swarm: \(no seed\|loaded\|refused\|tied\)" "$WORK/$1.log" | sed 's/^.*\] swarm:/   swarm:/' | cut -c1-170; }
 
 PA=$(free_port); PB=$(free_port); PC=$(free_port)
 echo "== A: has the weights; finds no seed, loads from disk, then seeds"
@@ -54,7 +55,7 @@ serve B "$WORK/no-weights/tiny-llama" "$PB"; wait_ready B "$PB"; swarm_lines B
 serve C "$WORK/no-weights/tiny-llama" "$PC"; wait_ready C "$PC"; swarm_lines C
 
 echo "== swarm status"
-"$SWARM" status --interface "$SWARM_INTERFACE"
+"${SWARM[@]}" status --interface "$SWARM_INTERFACE"
 
 echo "== the same prompt to all three: \"$PROMPT\""
 a=$(complete "$PA" "$WORK/models/tiny-llama"); echo "   A: $a"
