@@ -31,6 +31,7 @@ import atexit
 import dataclasses
 import gc
 import logging
+import multiprocessing.util
 import threading
 import time
 from typing import Any
@@ -80,6 +81,8 @@ def _close_all_nodes() -> None:
     with _NODES_LOCK:
         nodes = list(NODES)
         NODES.clear()
+    if nodes:
+        logger.info("swarm: process exit: closing %d node(s), withdrawing their mDNS records", len(nodes))
     for node in nodes:
         try:
             node.close()
@@ -88,6 +91,9 @@ def _close_all_nodes() -> None:
 
 
 atexit.register(_close_all_nodes)
+# vLLM's worker processes may be forked multiprocessing children, which leave through os._exit without
+# running atexit handlers; multiprocessing's own exit hook runs there (and Finalize runs a callback once).
+multiprocessing.util.Finalize(None, _close_all_nodes, exitpriority=100)
 
 
 def _register_node(node: Any) -> None:
