@@ -93,6 +93,9 @@ def _close_all_nodes() -> None:
 atexit.register(_close_all_nodes)
 # vLLM's worker processes may be forked multiprocessing children, which leave through os._exit without
 # running atexit handlers; multiprocessing's own exit hook runs there (and Finalize runs a callback once).
+# Neither runs when vLLM shuts down by SIGKILLing its workers (what `vllm serve` does on Ctrl-C today):
+# then no mDNS goodbye is sent, the record expires after its TTL, and leechers skip an advert that does
+# not answer.
 multiprocessing.util.Finalize(None, _close_all_nodes, exitpriority=100)
 
 
