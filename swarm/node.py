@@ -79,7 +79,8 @@ class NodeConfig:
     peers: str | None = None
     interface: str | None = None
     transport: str = "tcp"
-    piece_size: int = DEFAULT_PIECE_SIZE
+    #: 0: the transport's default (64 MiB over TCP, 256 MiB over NCCL; see their docstrings)
+    piece_size: int = 0
     discovery_timeout_s: float = 5.0
     stall_timeout_s: float = 30.0
     deadline_s: float = 600.0
@@ -120,12 +121,33 @@ class NodeConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.piece_size <= 0:
-            raise ConfigError(f"piece_size must be > 0, got {self.piece_size}")
+        if self.piece_size < 0:
+            raise ConfigError(
+                f"piece_size must be > 0 (or 0 for the transport's default), got {self.piece_size}"
+            )
         if not 0 <= self.control_port < 65536:
             raise ConfigError(f"control_port must be a TCP port, got {self.control_port}")
         if self.rate_cap is not None and self.rate_cap <= 0:
             raise ConfigError(f"rate_cap must be > 0 bytes/s, got {self.rate_cap}")
+
+    @property
+    def effective_piece_size(self) -> int:
+        if self.piece_size:
+            return self.piece_size
+        if self.transport == "nccl":
+            from swarm.transport.nccl import RECOMMENDED_PIECE_SIZE
+
+            return RECOMMENDED_PIECE_SIZE
+        return DEFAULT_PIECE_SIZE
+
+    @property
+    def effective_scheduler(self) -> SchedulerConfig | None:
+        """The scheduler settings: explicit ones, else those the transport recommends, else the defaults."""
+        if self.scheduler is None and self.transport == "nccl":
+            from swarm.transport.nccl import recommended_scheduler
+
+            return recommended_scheduler()  # type: ignore[no-any-return]
+        return self.scheduler
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NodeConfig:
@@ -242,7 +264,7 @@ class Node:
         self.config = config or NodeConfig.from_env()
         self.key = key
         self.tensors = tensors
-        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size)
+        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.effective_piece_size)
         self.id = uuid.uuid4().hex[:12]
         self.codec = P.Codec(self.config.token)
         self.transport = transport or _make_transport(self.config)
@@ -283,6 +305,8 @@ class Node:
         self._last_progress = 0.0
         self._unavailable_since: float | None = None
         self._held_bytes = self.manifest.total_bytes if complete else 0
+        #: bytes received from peers that have left (id -> (name, bytes)), so the report counts them
+        self._gone_from: dict[str, tuple[str, int]] = {}
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -338,8 +362,13 @@ class Node:
                 self._fetching = False
         if progress is not None and shown != total:
             progress(total, total)
-        peers = {p.id: p.bytes_from for p in self._peers.values() if p.bytes_from}
-        names = {p.id: p.name for p in self._peers.values()}
+        gone = dict(self._gone_from)
+        live = list(self._peers.values())
+        peers = {pid: b for pid, (_, b) in gone.items()}
+        for p in live:
+            if p.bytes_from:
+                peers[p.id] = peers.get(p.id, 0) + p.bytes_from
+        names = {pid: name for pid, (name, _) in gone.items()} | {p.id: p.name for p in live}
         return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
 
     def mark_complete(self) -> None:
@@ -391,7 +420,7 @@ class Node:
     def _new_scheduler(self, complete: bool) -> Scheduler:
         sizes = [p.length for p in self.manifest.pieces]
         have = range(len(sizes)) if complete else ()
-        return Scheduler(sizes, have, seed=self._rng_seed, config=self.config.scheduler)
+        return Scheduler(sizes, have, seed=self._rng_seed, config=self.config.effective_scheduler)
 
     def _start(self) -> None:
         from swarm import discovery
@@ -457,6 +486,11 @@ class Node:
     def _transport_events(self) -> Events:
         def put(kind: str) -> Callable[..., None]:
             def emit(*args: Any) -> None:
+                if kind == "notify" and threading.current_thread() is self._thread:
+                    peer = self._peers.get(args[0])
+                    if peer is not None:  # on the loop thread already: no queue hop
+                        self._send(peer, args[1], time.monotonic())
+                    return
                 self._events.put((kind, args))
                 self._wake()
 
@@ -595,6 +629,9 @@ class Node:
         elif not peer.accepted:
             if isinstance(msg, P.Error):
                 self._on_error(peer, msg, now)
+            elif isinstance(msg, (P.Channel, P.Sent)) and not peer.refused:
+                # A transport may set its channel up while the manifest check is still running.
+                self.transport.on_message(peer.id, msg)
             elif isinstance(msg, P.Bitfield):
                 peer.early_have = set(msg.pieces())
             elif isinstance(msg, P.Have):
@@ -667,7 +704,7 @@ class Node:
             self._peers[msg.peer_id] = peer
         peer.hello = msg
         peer.last_seen = now
-        hosts = [h for h in msg.data.get("addrs", []) if isinstance(h, str)]
+        hosts = [h for h in _list_field(msg.data, "addrs") if isinstance(h, str)]
         if dial is not None:
             dial.peer = msg.peer_id
             if dial not in peer.dials:
@@ -687,7 +724,7 @@ class Node:
             self._reply(ident, None, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)))
 
     def _learn_pex(self, msg: P.Hello) -> None:
-        for entry in msg.data.get("peers", [])[:_MAX_PEX]:
+        for entry in _list_field(msg.data, "peers")[:_MAX_PEX]:
             if (
                 isinstance(entry, list)
                 and len(entry) == 3
@@ -729,9 +766,8 @@ class Node:
             self._mismatches[peer.id] = difference
             self._refuse(peer, f"holds a different manifest: {difference}")
             return
-        if (
-            len(msg.checksums) != len(self.manifest.pieces)
-            or content_digest(msg.checksums) != peer.hello.content_digest
+        if len(msg.checksums) != len(self.manifest.pieces) or (
+            peer.hello.content_digest and content_digest(msg.checksums) != peer.hello.content_digest
         ):
             self._refuse(peer, "sent checksums that do not match its content digest")
             return
@@ -754,7 +790,9 @@ class Node:
         if peer.early_have:
             self.scheduler.peer_bitfield(peer.id, peer.early_have, now)
             peer.early_have = set()
-            self._maybe_connect_data(peer)
+        # Set the data channel up now, so that it is ready by the time the first request goes out
+        # (NCCL communicators take a fraction of a second).
+        self._maybe_connect_data(peer)
         self._send(peer, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)), now)
         log.debug("accepted peer %s (%s)", peer.name, peer.hello.role)
 
@@ -1005,6 +1043,9 @@ class Node:
         for dial in list(peer.dials):
             self._close_dial(dial, backoff=True)
         self.transport.drop(peer.id)
+        if peer.bytes_from:
+            _, before = self._gone_from.get(peer.id, ("", 0))
+            self._gone_from[peer.id] = (peer.name, before + peer.bytes_from)
         if peer.accepted:
             self._apply(self.scheduler.peer_left(peer.id, now), now)
 
@@ -1122,6 +1163,13 @@ def _drain(fd: int) -> None:
         pass
 
 
+def _list_field(data: Mapping[str, Any], name: str) -> list[Any]:
+    """A list field of a peer's Hello.data; [] when missing or not a list (the protocol only checks that
+    `data` is a bounded plain map, so its fields are as the peer sent them)."""
+    value = data.get(name)
+    return value if isinstance(value, list) else []
+
+
 def _has_channel(transport: Transport, peer: str) -> bool:
     check = getattr(transport, "has_channel", None)
     return bool(check(peer)) if check is not None else True
@@ -1153,9 +1201,9 @@ def _interface_address(interface: str) -> str:
 
 def _make_transport(config: NodeConfig) -> Transport:
     if config.transport == "nccl":
-        from swarm.transport.nccl import NcclTransport  # type: ignore[import-not-found]
+        from swarm.transport.nccl import NcclTransport
 
-        return NcclTransport(token=config.token)  # type: ignore[no-any-return]
+        return NcclTransport(token=config.token, rate_cap=config.rate_cap, io_timeout_s=config.io_timeout_s)
     from swarm.transport.tcp import TcpTransport
 
     return TcpTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)

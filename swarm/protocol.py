@@ -151,6 +151,32 @@ def Plain(max_depth: int = 4) -> Check:
     return check
 
 
+def ManifestWire(max_pieces: int = MAX_LIST) -> Check:
+    """A manifest in wire form (`Manifest.to_wire`) whose piece count is bounded before anyone cuts it.
+
+    Cutting a manifest into pieces is linear in the piece count, so without this bound a few bytes that
+    claim a 2^48-byte tensor in 1-byte pieces would hang the receiving node's control loop (and exhaust
+    its memory). Each tensor of n bytes yields at most ceil(n / piece_size) spans and every piece holds
+    at least one span, so the sum of those ceilings bounds the piece count. Other fields are checked by
+    `Manifest.from_wire`.
+    """
+    plain = Plain(4)
+
+    def check(v: Any, pieces: int | None) -> Any:
+        v = plain(v, pieces)
+        piece_size, rows = v.get("piece_size"), v.get("tensors")
+        if type(piece_size) is int and piece_size > 0 and type(rows) is list:
+            bound = 0
+            for row in rows:
+                if type(row) is list and len(row) == 4 and type(row[3]) is int and row[3] > 0:
+                    bound += -(-row[3] // piece_size)
+            if bound > max_pieces:
+                raise _fail(f"manifest of <= {max_pieces} pieces", f"{bound} or fewer pieces")
+        return v
+
+    return check
+
+
 # --- messages -----------------------------------------------------------------------------------
 
 
@@ -197,7 +223,7 @@ class ManifestReply(Message):
 
     TYPE: ClassVar[str] = "manifest"
     SCHEMA: ClassVar[Mapping[str, Check]] = {
-        "manifest": Plain(4),
+        "manifest": ManifestWire(),
         "checksums": ListOf(Str(32)),
     }
     manifest: dict[str, Any]

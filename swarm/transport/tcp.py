@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -85,7 +86,13 @@ class _Sender:
         reason = "closed"
         try:
             while True:
-                piece = self.queue.get()
+                try:
+                    piece = self.queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if self._peer_hung_up():
+                        reason = "peer closed the data channel"
+                        break
+                    continue
                 if piece == _STOP:
                     return
                 with self.lock:
@@ -119,6 +126,18 @@ class _Sender:
                     t._emit_sent(self.peer, piece, False)
             if not self.closed:
                 t._channel_lost(self.peer, "out", self, reason)
+
+    def _peer_hung_up(self) -> bool:
+        """The receiving end never writes after its credentials, so a readable socket means it is gone
+        (EOF or reset) or broke the protocol. Checked while idle: without it, a channel whose peer died
+        without a word, or a stranger the control plane never accepted (so never `drop`s), would keep
+        its thread and socket forever."""
+        try:
+            poller = select.poll()  # not select.select: fds above 1023 are common in a serving process
+            poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):  # ValueError: the socket is closed already
+            return True
 
     def stop_socket(self) -> None:
         try:
@@ -398,6 +417,10 @@ class TcpTransport(Transport):
     def close(self) -> None:
         self._closing = True
         if self._listener is not None:
+            try:  # wakes the accept() in progress at once (Linux) instead of at its 0.5 s poll
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
         if self._accept_thread is not None:
             self._accept_thread.join(2.0)

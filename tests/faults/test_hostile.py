@@ -1,0 +1,327 @@
+"""Hostile control and data traffic against live nodes (see hostile.py for the clients).
+
+The node must answer with errors or drop the connection, never crash or hang, never send piece data to
+a client without the cluster token, and keep serving honest peers. The number of inputs tried is
+printed (pytest -s) and reported by bench/faults.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from swarm import protocol as P
+from swarm.errors import FetchError
+from swarm.node import Node
+from swarm.transport.tcp import NONCE_SIZE, TcpTransport
+from tests.faults import hostile
+from tests.faults.harness import (
+    HOST,
+    FetchRun,
+    RawClient,
+    alive,
+    closing,
+    decoded,
+    leecher_node,
+    peers_of,
+    resources,
+    seed_node,
+    swarm_threads,
+    wait_until,
+    wrong_bytes,
+)
+
+TOKEN = "faults-cluster-token"
+FUZZ = settings(
+    max_examples=int(os.environ.get("SWARM_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    database=None,
+    # The nodes live across examples (module fixtures), so a failing example leaves a dead node behind
+    # and shrinking against it only burns time: report the first failing example as drawn.
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TRIED: dict[str, int] = {}
+DRIVERS: dict[str, hostile.Driver] = {}
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def seed() -> Iterator[Node]:
+    with closing(seed_node(token=TOKEN, transport=TcpTransport(token=TOKEN, connect_timeout_s=1.0))) as (n,):
+        yield n
+
+
+@pytest.fixture(scope="module")
+def leecher() -> Iterator[Node]:
+    """A leecher that is not fetching: fuzzed peers reach its download-side code (manifest, connect)."""
+    with closing(leecher_node(token=TOKEN, peer_timeout_s=1.0)) as (n,):
+        yield n
+
+
+def _driver(node: Node, name: str) -> hostile.Driver:
+    d = hostile.Driver(node, TOKEN)
+    DRIVERS[name] = d
+    return d
+
+
+@pytest.fixture(scope="module")
+def seed_driver(seed: Node) -> Iterator[hostile.Driver]:
+    d = _driver(seed, "insider->seed")
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def leecher_driver(leecher: Node) -> Iterator[hostile.Driver]:
+    d = _driver(leecher, "insider->leecher")
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def stranger_driver(seed: Node) -> Iterator[hostile.Driver]:
+    d = _driver(seed, "stranger->seed")
+    yield d
+    d.close()
+
+
+def _insider(driver: hostile.Driver, data: st.DataObject) -> None:
+    target = driver.target()
+    items = data.draw(hostile.insider_messages(target))
+    frames = [f for f in (hostile.encode_any(driver.codec, i) for i in items) if f is not None]
+    try:
+        driver.run(frames)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the example: {items!r:.3000}") from None
+
+
+@FUZZ
+@given(data=st.data())
+def test_insider_fuzz_never_kills_a_seed(seed_driver: hostile.Driver, data: st.DataObject) -> None:
+    _insider(seed_driver, data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_insider_fuzz_never_kills_a_leecher(leecher_driver: hostile.Driver, data: st.DataObject) -> None:
+    _insider(leecher_driver, data)
+
+
+@FUZZ
+@given(data=st.data())
+def test_stranger_gets_only_errors(stranger_driver: hostile.Driver, data: st.DataObject) -> None:
+    codec = P.Codec(TOKEN)
+    valid = [codec.encode(m) for m in (P.StatusQuery(), P.Request(0), stranger_driver.node._hello())]
+    frames = data.draw(hostile.stranger_frames(TOKEN, valid))
+    replies = stranger_driver.run(frames)
+    answers = [m for m in replies if not isinstance(m, P.StatusReply)]
+    assert all(isinstance(m, P.Error) for m in answers), answers
+    assert len(answers) == len(frames)  # every bad frame answered with an error, nothing more
+
+
+def test_report_inputs_tried(seed: Node, leecher: Node) -> None:
+    """Runs last in this module: the nodes survived everything above and still serve; prints counts."""
+    assert alive(seed, TOKEN) and alive(leecher, TOKEN)
+    with closing(leecher_node(token=TOKEN, peers=peers_of(seed))) as (honest,):
+        run = FetchRun(honest).start().wait(60)
+        assert run.error is None, run.error
+        assert wrong_bytes(dict(honest.tensors)) == 0
+    TRIED.update({name: d.sent for name, d in DRIVERS.items()})
+    examples = {name: d.examples for name, d in DRIVERS.items()}
+    print(f"\nhostile inputs tried: frames {TRIED}, examples {examples}")
+
+
+# --- single hostile cases ---------------------------------------------------------------------------
+
+
+def test_manifest_reply_with_absurd_piece_count_is_refused_cheaply() -> None:
+    """Found by the insider fuzz: 'a 2^48-byte tensor in 1-byte pieces' hung the control loop in
+    Manifest.from_wire (cutting is linear in the piece count). The codec now bounds it first."""
+    codec = P.Codec(TOKEN)
+    frame = hostile.encode_any(
+        codec,
+        (
+            "manifest",
+            {"manifest": {"piece_size": 1, "tensors": [["w", "uint8", [1 << 48], 1 << 48]]}, "checksums": []},
+        ),
+    )
+    assert frame is not None
+    t0 = time.monotonic()
+    with pytest.raises(P.ProtocolError, match="pieces"):
+        codec.decode(frame)
+    assert time.monotonic() - t0 < 0.1
+
+
+def test_oversized_frame_drops_only_that_connection(seed: Node) -> None:
+    client = RawClient(seed.control_port)
+    try:
+        client.send(b"\x00" * (P.MAX_FRAME + 4096))
+        time.sleep(0.3)
+        assert alive(seed, TOKEN)
+    finally:
+        client.close()
+
+
+def test_unknown_version_and_missing_hmac_are_refused(seed: Node) -> None:
+    client = RawClient(seed.control_port)
+    try:
+        body = P.Codec(TOKEN).encode(P.StatusQuery())
+        import msgpack
+
+        env = msgpack.unpackb(body, raw=False)
+        env[1] = P.VERSION + 1
+        client.send(msgpack.packb(env, use_bin_type=True))
+        client.send(P.Codec(None).encode(P.StatusQuery()))
+        client.send(P.Codec("wrong").encode(P.StatusQuery()))
+        replies = decoded(client.replies(wait_s=2.0, limit=3), P.Codec(TOKEN))
+        assert [type(m) for m in replies] == [P.Error] * 3, replies
+        assert "version" in replies[0].message  # type: ignore[attr-defined]
+        assert "unsigned" in replies[1].message and "signature" in replies[2].message  # type: ignore[attr-defined]
+    finally:
+        client.close()
+
+
+def _data_port(node: Node) -> int:
+    return int(node.data_params["port"])
+
+
+def _try_data_port(node: Node, credentials: bytes | None, wait_s: float = 1.5) -> int:
+    """Connect to the data port, send `credentials` after the nonce; how many bytes come after it."""
+    with socket.create_connection((HOST, _data_port(node)), timeout=3) as s:
+        nonce = b""
+        while len(nonce) < NONCE_SIZE:
+            chunk = s.recv(NONCE_SIZE - len(nonce))
+            if not chunk:
+                return 0
+            nonce += chunk
+        if credentials is not None:
+            s.sendall(credentials)
+        got = 0
+        s.settimeout(0.2)
+        end = time.monotonic() + wait_s
+        while time.monotonic() < end:
+            try:
+                chunk = s.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += len(chunk)
+        return got
+
+
+def test_data_port_serves_nothing_without_the_token(seed: Node) -> None:
+    """Impersonate a real, accepted peer on the data port while it fetches: no MAC, a wrong MAC, garbage,
+    or silence. None of them gets a byte; the real peer finishes with the right bytes."""
+    with closing(leecher_node(token=TOKEN, peers=peers_of(seed))) as (honest,):
+        run = FetchRun(honest).start()
+        pid = honest.id.encode()
+        attempts = {
+            "no mac": bytes([len(pid)]) + pid,
+            "wrong mac": bytes([len(pid)]) + pid + os.urandom(32),
+            "garbage": os.urandom(200),
+            "silence": None,
+        }
+        got = {name: _try_data_port(seed, cred) for name, cred in attempts.items()}
+        run.wait(60)
+        assert run.error is None, run.error
+        assert wrong_bytes(dict(honest.tensors)) == 0
+    assert got == dict.fromkeys(attempts, 0), got
+    assert alive(seed, TOKEN)
+
+
+def test_member_without_the_token_gets_no_data(seed: Node) -> None:
+    before = seed.bytes_out
+    with closing(leecher_node(peers=peers_of(seed), discovery_timeout_s=1.5)) as (stranger,):
+        run = FetchRun(stranger).start().wait(30)
+        assert isinstance(run.error, FetchError), run.error
+        assert stranger.bytes_in == 0
+    time.sleep(0.2)
+    assert seed.bytes_out == before
+
+
+FLOOD = r"""
+import os, random, sys, time, zmq, msgpack
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+ctx = zmq.Context(); sent = 0; end = time.monotonic() + seconds; rnd = random.Random(1)
+while time.monotonic() < end:
+    s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect(f"tcp://127.0.0.1:{port}")
+    for _ in range(500):
+        kind = rnd.randrange(3)
+        if kind == 0: f = os.urandom(rnd.randrange(1, 300))
+        elif kind == 1: f = msgpack.packb([b"VSW", 1, msgpack.packb(["request", {"piece": 0}]), None])
+        else: f = msgpack.packb([b"VSW", 1, msgpack.packb(["hello", {}]), os.urandom(32)])
+        try: s.send(f, zmq.NOBLOCK); sent += 1
+        except zmq.Again: break
+    time.sleep(0.002)
+    for _ in range(2000):
+        if not s.poll(0): break
+        s.recv()
+    s.close(0)
+print(sent, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_flood_of_bad_frames_does_not_starve_honest_peers() -> None:
+    """A client floods the seed with unauthenticated frames (reconnecting to dodge the per-connection
+    cut-off) while an honest leecher fetches: the fetch succeeds and its time stays within 4x of an
+    undisturbed fetch (generous: the flooder, seed and leecher share two CPU cores here)."""
+    with closing(seed_node(token=TOKEN)) as (seed,):
+        times = []
+        for flood in (False, True):
+            proc = None
+            if flood:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", FLOOD, str(seed.control_port), "6"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                time.sleep(0.5)
+            try:
+                with closing(leecher_node(token=TOKEN, peers=peers_of(seed))) as (honest,):
+                    run = FetchRun(honest).start().wait(60)
+                    assert run.error is None, run.error
+                    assert wrong_bytes(dict(honest.tensors)) == 0
+                    times.append(run.seconds)
+            finally:
+                if proc is not None:
+                    out, _ = proc.communicate(timeout=30)
+                    TRIED["flood frames"] = int(out.strip() or 0)
+        assert alive(seed, TOKEN)
+        print(
+            f"\nhonest fetch: {times[0]:.2f} s alone, "
+            f"{times[1]:.2f} s under a flood of {TRIED.get('flood frames')} frames"
+        )
+        assert times[1] < max(4 * times[0], 2.0), times
+
+
+@pytest.mark.timeout(60)
+def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
+    """Without a token, anyone may open a data channel under any name; one that the control plane
+    never accepted must still be freed (thread and socket) once its client hangs up, and so must the
+    channel of a leecher that dies without a word."""
+    with closing(seed_node()) as (seed,):
+        before = (len(swarm_threads()), resources().fds)
+        for i in range(20):
+            with socket.create_connection((HOST, _data_port(seed)), timeout=3) as s:
+                s.recv(NONCE_SIZE)
+                name = f"stranger{i}".encode()
+                s.sendall(bytes([len(name)]) + name)
+                time.sleep(0.01)
+        t = seed.transport
+        wait_until(lambda: not t._senders, 5, "the seed to free the strangers' channels")  # type: ignore[attr-defined]
+        wait_until(lambda: len(swarm_threads()) <= before[0], 5, "their threads to end")
+        assert resources().fds <= before[1] + 2
+        assert alive(seed)
