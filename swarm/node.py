@@ -69,6 +69,9 @@ _LOOP_TICK_S = 0.02
 _DIAL_BACKOFF_S = 2.0
 _MAX_PEX = 32
 _MAX_PROTOCOL_ERRORS = 20
+#: Error codes by which a member of another swarm (or layout) refuses our Hello.
+_REFUSAL_CODES = ("wrong_key", "wrong_transport")
+_MAX_MISMATCHES = 256
 
 
 @dataclass(frozen=True)
@@ -450,15 +453,21 @@ class Node:
         router.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + 1024)
         router.setsockopt(zmq.SNDHWM, 10000)
         router.setsockopt(zmq.RCVHWM, 10000)
+        self._router = router  # closed by _teardown even when binding fails
         addr = f"[{bind}]" if ":" in bind else bind
         if ":" in bind:
             router.setsockopt(zmq.IPV6, 1)
-        if self.config.control_port:
-            router.bind(f"tcp://{addr}:{self.config.control_port}")
-            self.control_port = self.config.control_port
-        else:
-            self.control_port = router.bind_to_random_port(f"tcp://{addr}")
-        self._router = router
+        try:
+            if self.config.control_port:
+                router.bind(f"tcp://{addr}:{self.config.control_port}")
+                self.control_port = self.config.control_port
+            else:
+                self.control_port = router.bind_to_random_port(f"tcp://{addr}")
+        except zmq.ZMQError as e:
+            raise ConfigError(
+                f"cannot listen on {bind}:{self.config.control_port or 'a random port'}: {e}",
+                hint="choose another SWARM_PORT, or leave it unset for a random port",
+            ) from e
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
         if self.config.mdns:
@@ -622,6 +631,11 @@ class Node:
         if peer is None:
             if isinstance(msg, P.Ping):
                 self._reply(ident, dial, P.Ping())
+            elif isinstance(msg, P.Error) and dial is not None and msg.code in _REFUSAL_CODES:
+                # A member of another swarm answered our Hello: remember why, for the fetch's error.
+                self._note_mismatch(f"{dial.host}:{dial.port}", msg.message)
+                log.warning("not using %s:%d: %s", dial.host, dial.port, msg.message)
+                self._close_dial(dial, backoff=False, forever=True)
             elif not isinstance(msg, (P.Error, P.Goodbye)):
                 self._reply(ident, dial, P.Error("hello_first", "send Hello before anything else"))
             return
@@ -698,14 +712,16 @@ class Node:
                 theirs = SwarmKey.from_wire(msg.key).describe()
             except ManifestError:
                 theirs = msg.key_digest
-            self._mismatches[msg.peer_id] = f"other swarm key: {theirs}"
+            self._note_mismatch(msg.peer_id, f"other swarm key: {theirs}")
             if dial is not None:
                 self._close_dial(dial, backoff=True)
             else:
-                self._reply(ident, None, P.Error("wrong_key", f"this node serves {self.key.describe()}"))
+                self._reply(ident, None, P.Error("wrong_key", f"other swarm key: {self.key.describe()}"))
             return
         if msg.transport != self.transport.name:
-            self._mismatches[msg.peer_id] = f"uses transport {msg.transport}, this node {self.transport.name}"
+            self._note_mismatch(
+                msg.peer_id, f"uses transport {msg.transport}, this node {self.transport.name}"
+            )
             self._reply(ident, dial, P.Error("wrong_transport", f"this node uses {self.transport.name}"))
             return
         peer = self._peers.get(msg.peer_id)
@@ -775,7 +791,7 @@ class Node:
             return
         difference = self.manifest.diff(theirs)
         if difference is not None:
-            self._mismatches[peer.id] = difference
+            self._note_mismatch(peer.id, difference)
             self._refuse(peer, f"holds a different manifest: {difference}")
             return
         if len(msg.checksums) != len(self.manifest.pieces) or (
@@ -818,10 +834,16 @@ class Node:
         self._send(peer, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)), now)
         log.debug("accepted peer %s (%s)", peer.name, peer.hello.role)
 
+    def _note_mismatch(self, who: str, why: str) -> None:
+        """Remember why a member is unusable (for the fetch's error); bounded against floods."""
+        if who in self._mismatches or len(self._mismatches) < _MAX_MISMATCHES:
+            self._mismatches[who] = why
+
     def _refuse(self, peer: _Peer, why: str) -> None:
         log.warning("not using peer %s: %s", peer.name, why)
         peer.refused = why
-        self._mismatches.setdefault(peer.id, why)
+        if peer.id not in self._mismatches:
+            self._note_mismatch(peer.id, why)
         for dial in list(peer.dials):
             self._close_dial(dial, backoff=False, forever=True)
 
@@ -1091,14 +1113,14 @@ class Node:
         if elapsed > cfg.deadline_s:
             self._fail_fetch(self._stall(f"the fetch passed its deadline of {cfg.deadline_s:.0f} s"))
         elif not accepted and self.scheduler.held_count == 0 and elapsed > cfg.discovery_timeout_s:
-            if self._mismatches and all(
-                "manifest" in why or "key" in why for why in self._mismatches.values()
-            ):
+            if self._mismatches:
+                # Members were found, but every one holds something else (another key, manifest,
+                # content or transport): say what, rather than "no seed".
                 first = next(iter(self._mismatches.items()))
                 self._fail_fetch(
                     ManifestMismatchError(
-                        f"no peer of {self.key.describe()} holds this manifest "
-                        f"({len(self._mismatches)} refused)",
+                        f"no usable peer of {self.key.describe()}: "
+                        f"{len(self._mismatches)} found, all refused",
                         difference=f"{first[0]}: {first[1]}",
                     )
                 )

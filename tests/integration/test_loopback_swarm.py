@@ -83,3 +83,49 @@ def test_status_with_nothing_running_says_what_to_check() -> None:
     )
     assert out.returncode == 1
     assert "no swarm member answered" in out.stderr and "SWARM_PEERS" in out.stderr
+
+
+def test_busy_control_port_fails_at_start_without_hanging() -> None:
+    import socket
+
+    import torch
+
+    from swarm.errors import ConfigError
+    from swarm.manifest import SwarmKey
+    from swarm.node import Node, NodeConfig
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = NodeConfig(host="127.0.0.1", control_port=port, mdns=False, piece_size=1024)
+        node = Node(SwarmKey("m", "uint8"), {"w": torch.zeros(10, dtype=torch.uint8)}, cfg, complete=True)
+        with pytest.raises(ConfigError, match="cannot listen"):
+            node.start()
+
+
+def test_a_member_of_another_swarm_is_named_in_the_error() -> None:
+    import torch
+
+    from swarm.errors import ManifestMismatchError
+    from swarm.manifest import SwarmKey
+    from swarm.node import Node, NodeConfig
+
+    cfg = NodeConfig(host="127.0.0.1", mdns=False, piece_size=1024, discovery_timeout_s=1.5)
+    t = {"w": torch.arange(100, dtype=torch.uint8)}
+    with Node(SwarmKey("model-a", "uint8"), t, cfg, complete=True) as seed:
+        leech_cfg = NodeConfig(
+            host="127.0.0.1",
+            mdns=False,
+            piece_size=1024,
+            discovery_timeout_s=1.5,
+            peers=f"127.0.0.1:{seed.control_port}",
+        )
+        with Node(
+            SwarmKey("model-b", "uint8"),
+            {"w": torch.zeros(100, dtype=torch.uint8)},
+            leech_cfg,
+            complete=False,
+        ) as leech:
+            with pytest.raises(ManifestMismatchError, match="other swarm key: model-a"):
+                leech.fetch()
