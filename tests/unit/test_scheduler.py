@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from swarm.scheduler import (
     ADMISSION,
@@ -403,3 +405,13 @@ def test_queries_of_a_seed() -> None:
     assert s.have == frozenset({0, 1, 2}) and s.have_mask == 0b111
     s.peer_bitfield("a", [], 0.0)
     assert s.tick(0.0) == [] and not s.wants_tick and s.next_timeout() is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(mask=st.integers(1, (1 << 3000) - 1), pick=st.integers(0, 10**6))
+def test_nth_bit_finds_the_nth_set_bit(mask: int, pick: int) -> None:
+    from swarm.scheduler import _nth_bit
+
+    bits = [i for i in range(mask.bit_length()) if mask >> i & 1]
+    n = pick % len(bits)
+    assert _nth_bit(mask, n) == bits[n]

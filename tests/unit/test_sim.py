@@ -145,7 +145,7 @@ def _together(n: int) -> tuple[float, float]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3 target not met yet: the swarm reaches ~1.46x the bound at N=64 (docs/simulation.md)",
+    reason="issue 3 target not met yet: the swarm reaches ~1.31x the bound at N=64 (docs/simulation.md)",
 )
 def test_target_together_within_1_25_of_the_bound() -> None:
     _, ratio = _together(64)
@@ -156,7 +156,7 @@ def test_together_is_flat_in_n_and_does_not_regress() -> None:
     one, _ = _together(1)
     many, ratio = _together(64)
     assert many <= 1.5 * one  # the issue's second target for this scenario: holds
-    assert ratio <= 1.55  # what the current scheduler reaches (1.46), with a little slack
+    assert ratio <= 1.40  # what the current scheduler reaches (1.31), with a little slack
 
 
 @pytest.mark.parametrize("name", ["staggered", "hetero"])
