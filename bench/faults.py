@@ -208,7 +208,7 @@ def hostile(rec_fuzz: Record, rec_flood: Record, examples: int) -> None:
     from swarm import protocol as P
     from swarm.transport.tcp import TcpTransport
     from tests.faults import hostile as F
-    from tests.faults.test_hostile import FLOOD, TOKEN
+    from tests.faults.test_hostile import TOKEN
 
     cfg = settings(
         max_examples=examples,
@@ -270,29 +270,17 @@ def hostile(rec_fuzz: Record, rec_flood: Record, examples: int) -> None:
         for x in drivers:
             x.close()
 
-        import subprocess
-
         times = []
         for flood in (False, True):
-            proc = None
-            if flood:
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", FLOOD, str(seed.control_port), "6"],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                time.sleep(0.5)
-            try:
+            with F.flooding(seed.control_port if flood else None) as sent:
                 with H.closing(
                     H.leecher_node(transport=H.WatchedTcp(token=TOKEN), token=TOKEN, peers=H.peers_of(seed))
                 ) as (n,):
                     run = H.FetchRun(n).start().wait(60)
                     _watch_totals(rec_flood, [n])
                     times.append(run.seconds if run.error is None else float("inf"))
-            finally:
-                if proc is not None:
-                    out, _ = proc.communicate(timeout=30)
-                    rec_flood.runs = int(out.strip() or 0)
+            if flood:
+                rec_flood.runs = sent[0]
         rec_flood.survived = (
             rec_flood.runs if times[1] < max(4 * times[0], 2.0) and H.alive(seed, TOKEN) else 0
         )

@@ -442,7 +442,7 @@ class Node:
         self.addresses = _own_addresses(bind)
         self.host = self.addresses[0]
         self.transport.bind(self.manifest, self.tensors, self._transport_events())
-        self.transport.peer_id = self.id  # type: ignore[attr-defined]
+        self.transport.peer_id = self.id
         if self.checksums is not None:
             self.transport.set_checksums(self.checksums)
         self.data_params = self.transport.open(bind)
@@ -673,7 +673,7 @@ class Node:
             self.scheduler.upload_cancelled(peer.id, msg.piece, now)
             self.transport.cancel(peer.id, msg.piece)
         elif isinstance(msg, P.Reject):
-            self._unexpect(peer.id, msg.piece)
+            self.transport.unexpect(peer.id, msg.piece)
             self.scheduler.piece_failed(peer.id, msg.piece, now, "refused" if msg.busy else "error")
         elif isinstance(msg, (P.Channel, P.Sent)):
             self.transport.on_message(peer.id, msg)
@@ -875,21 +875,16 @@ class Node:
                 self.transport.expect(peer.id, d.piece)
                 self._send(peer, P.Request(d.piece), now)
             elif isinstance(d, Cancel):
-                self._unexpect(peer.id, d.piece)
+                self.transport.unexpect(peer.id, d.piece)
                 self._send(peer, P.Cancel(d.piece), now)
             elif isinstance(d, Serve):
-                if _has_channel(self.transport, peer.id):
+                if self.transport.has_channel(peer.id):
                     self.transport.send(peer.id, d.piece)
                 else:
                     self._send(peer, P.Reject(d.piece, True, "data channel not ready"), now)
                     self._apply(self.scheduler.upload_finished(peer.id, d.piece, now, False), now)
             elif isinstance(d, Refuse):
                 self._send(peer, P.Reject(d.piece, d.reason == "busy", d.reason[:200]), now)
-
-    def _unexpect(self, peer: str, piece: int) -> None:
-        unexpect = getattr(self.transport, "unexpect", None)
-        if unexpect is not None:
-            unexpect(peer, piece)
 
     def _drain_events(self, now: float) -> None:
         while True:
@@ -1223,11 +1218,6 @@ def _list_field(data: Mapping[str, Any], name: str) -> list[Any]:
     `data` is a bounded plain map, so its fields are as the peer sent them)."""
     value = data.get(name)
     return value if isinstance(value, list) else []
-
-
-def _has_channel(transport: Transport, peer: str) -> bool:
-    check = getattr(transport, "has_channel", None)
-    return bool(check(peer)) if check is not None else True
 
 
 def _own_addresses(bind: str) -> list[str]:

@@ -53,6 +53,8 @@ class Transport(ABC):
         self.views: list[torch.Tensor] = []
         self.checksums: list[str] | None = None
         self.events: Events | None = None
+        #: this node's id, set by the node before `open` (the TCP data handshake sends it)
+        self.peer_id = ""
 
     def bind(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor], events: Events) -> None:
         self.manifest = manifest
@@ -72,6 +74,14 @@ class Transport(ABC):
 
     @abstractmethod
     def expect(self, peer: str, piece: int) -> None: ...
+
+    def unexpect(self, peer: str, piece: int) -> None:
+        """A request to `peer` was cancelled or refused: stop expecting piece `piece` from it."""
+        return None
+
+    def has_channel(self, peer: str) -> bool:
+        """Whether `send(peer, p)` can be accepted now (a transport that holds early sends says yes)."""
+        return True
 
     @abstractmethod
     def send(self, peer: str, piece: int) -> None: ...

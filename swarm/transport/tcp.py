@@ -245,7 +245,6 @@ class TcpTransport(Transport):
         self.io_timeout_s = io_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.limiter = RateLimiter(rate_cap)
-        self.peer_id = ""
         self.max_piece = 0
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None

@@ -18,7 +18,11 @@ dials what it is told dials only loopback.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,3 +272,46 @@ class Driver:
 
     def close(self) -> None:
         self.client.close()
+
+
+#: A client that floods a node's control port with bad frames, reconnecting to dodge the per-
+#: connection cut-off; prints how many frames it sent.
+FLOOD = r"""
+import os, random, sys, time, zmq, msgpack
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+ctx = zmq.Context(); sent = 0; end = time.monotonic() + seconds; rnd = random.Random(1)
+while time.monotonic() < end:
+    s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect(f"tcp://127.0.0.1:{port}")
+    for _ in range(500):
+        kind = rnd.randrange(3)
+        if kind == 0: f = os.urandom(rnd.randrange(1, 300))
+        elif kind == 1: f = msgpack.packb([b"VSW", 1, msgpack.packb(["request", {"piece": 0}]), None])
+        else: f = msgpack.packb([b"VSW", 1, msgpack.packb(["hello", {}]), os.urandom(32)])
+        try: s.send(f, zmq.NOBLOCK); sent += 1
+        except zmq.Again: break
+    time.sleep(0.002)
+    for _ in range(2000):
+        if not s.poll(0): break
+        s.recv()
+    s.close(0)
+print(sent, flush=True)
+"""
+
+
+@contextmanager
+def flooding(port: int | None, seconds: float = 6.0) -> Iterator[list[int]]:
+    """Run FLOOD against `port` in a subprocess during the block (nothing when `port` is None); the
+    yielded list holds the number of frames sent once the block has ended."""
+    sent: list[int] = []
+    if port is None:
+        yield sent
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, str(port), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(0.5)
+    try:
+        yield sent
+    finally:
+        out, _ = proc.communicate(timeout=30)
+        sent.append(int(out.strip() or 0))

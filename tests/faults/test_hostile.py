@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -251,28 +249,6 @@ def test_member_without_the_token_gets_no_data(seed: Node) -> None:
     assert seed.bytes_out == before
 
 
-FLOOD = r"""
-import os, random, sys, time, zmq, msgpack
-port, seconds = int(sys.argv[1]), float(sys.argv[2])
-ctx = zmq.Context(); sent = 0; end = time.monotonic() + seconds; rnd = random.Random(1)
-while time.monotonic() < end:
-    s = ctx.socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0); s.connect(f"tcp://127.0.0.1:{port}")
-    for _ in range(500):
-        kind = rnd.randrange(3)
-        if kind == 0: f = os.urandom(rnd.randrange(1, 300))
-        elif kind == 1: f = msgpack.packb([b"VSW", 1, msgpack.packb(["request", {"piece": 0}]), None])
-        else: f = msgpack.packb([b"VSW", 1, msgpack.packb(["hello", {}]), os.urandom(32)])
-        try: s.send(f, zmq.NOBLOCK); sent += 1
-        except zmq.Again: break
-    time.sleep(0.002)
-    for _ in range(2000):
-        if not s.poll(0): break
-        s.recv()
-    s.close(0)
-print(sent, flush=True)
-"""
-
-
 @pytest.mark.timeout(120)
 def test_flood_of_bad_frames_does_not_starve_honest_peers() -> None:
     """A client floods the seed with unauthenticated frames (reconnecting to dodge the per-connection
@@ -281,24 +257,14 @@ def test_flood_of_bad_frames_does_not_starve_honest_peers() -> None:
     with closing(seed_node(token=TOKEN)) as (seed,):
         times = []
         for flood in (False, True):
-            proc = None
-            if flood:
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", FLOOD, str(seed.control_port), "6"],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                time.sleep(0.5)
-            try:
+            with hostile.flooding(seed.control_port if flood else None) as sent:
                 with closing(leecher_node(token=TOKEN, peers=peers_of(seed))) as (honest,):
                     run = FetchRun(honest).start().wait(60)
                     assert run.error is None, run.error
                     assert wrong_bytes(dict(honest.tensors)) == 0
                     times.append(run.seconds)
-            finally:
-                if proc is not None:
-                    out, _ = proc.communicate(timeout=30)
-                    TRIED["flood frames"] = int(out.strip() or 0)
+            if flood:
+                TRIED["flood frames"] = sent[0]
         assert alive(seed, TOKEN)
         print(
             f"\nhonest fetch: {times[0]:.2f} s alone, "
