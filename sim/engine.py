@@ -38,10 +38,10 @@ import random
 from dataclasses import dataclass
 
 from sim.scenario import Scenario
-from swarm.scheduler import Cancel, Decision, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.scheduler import Cancel, Decision, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
 
 # event kinds
-_ARRIVE, _FLOW, _REQ, _CANCEL, _REFUSE, _RECV, _HAVE, _LEFT, _TICK, _FAIL, _BITFIELD = range(11)
+_ARRIVE, _FLOW, _REQ, _CANCEL, _REFUSE, _RECV, _HAVE, _LEFT, _TICK, _FAIL, _BITFIELD, _HANDED = range(12)
 
 
 class _Flow:
@@ -176,6 +176,7 @@ class SwarmSim:
             _TICK: self._on_tick,
             _FAIL: self._on_fail,
             _BITFIELD: self._on_bitfield,
+            _HANDED: self._on_handed,
         }
         max_time = self.max_time
         while heap and self.receivers_left:
@@ -221,6 +222,8 @@ class SwarmSim:
             elif cls is Cancel:
                 self.cancels += 1
                 self._push(t, _CANCEL, self.by_name[d.peer], n, d.piece)
+            elif cls is HandedOut:
+                self._push(t, _HANDED, n, d.piece)
             elif cls is Refuse:
                 self.refusals += 1
                 assert isinstance(d, Refuse)
@@ -309,8 +312,8 @@ class SwarmSim:
         self._fill_down(dst, now)
 
     def _on_flow(self, now: float, f: _Flow, _b: object, _c: object) -> None:
-        if f.done:
-            return
+        if f.done or now != f.eta:
+            return  # superseded: a rate change pushed an earlier event for this flow
         remaining = f.remaining - f.rate * (now - f.t_last)
         f.remaining = remaining
         f.t_last = now
@@ -474,13 +477,18 @@ class SwarmSim:
         name = n.name
         for m in n.peers.values():
             s = m.sched
-            s.peer_have(name, piece, now)
-            if s.wants_tick:
+            if s.peer_have(name, piece, now) and s.wants_tick:
                 self._apply(m, s.tick(now), now)
                 nt = s.next_timeout()
                 if nt is not None and nt < m.next_tick:
                     m.next_tick = nt
                     self._push(nt, _TICK, m)
+
+    def _on_handed(self, now: float, n: _Node, piece: int, _c: object) -> None:
+        if not n.alive:
+            return
+        for m in n.peers.values():
+            m.sched.peer_handed_out(n.name, piece, now)
 
     def _on_tick(self, now: float, n: _Node, _b: object, _c: object) -> None:
         if not n.alive:

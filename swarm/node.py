@@ -59,7 +59,7 @@ from swarm.errors import (
     SwarmError,
 )
 from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, content_digest, piece_checksums
-from swarm.scheduler import Cancel, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.scheduler import Cancel, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
 from swarm.transport.base import Events, Transport
 
 log = logging.getLogger("swarm.node")
@@ -667,6 +667,8 @@ class Node:
         elif isinstance(msg, P.Have):
             self.scheduler.peer_have(peer.id, msg.piece, now)
             self._maybe_connect_data(peer)
+        elif isinstance(msg, P.HandedOut):
+            self.scheduler.peer_handed_out(peer.id, msg.piece, now)
         elif isinstance(msg, P.Request):
             self._apply(self.scheduler.upload_requested(peer.id, msg.piece, now), now)
         elif isinstance(msg, P.Cancel):
@@ -867,6 +869,9 @@ class Node:
 
     def _apply(self, decisions: list[Any], now: float) -> None:
         for d in decisions:
+            if isinstance(d, HandedOut):
+                self._broadcast(P.HandedOut(d.piece), now)
+                continue
             peer = self._peers.get(d.peer)
             if peer is None:
                 continue
@@ -936,12 +941,14 @@ class Node:
             self._last_progress = now
             self._cv.notify_all()
         self._apply(decisions, now)
-        have = P.Have(piece)
-        for p in list(self._peers.values()):
-            if p.accepted:
-                self._send(p, have, now)
+        self._broadcast(P.Have(piece), now)
         if self.scheduler.complete:
             self._finish_fetch(now)
+
+    def _broadcast(self, msg: P.Message, now: float) -> None:
+        for p in list(self._peers.values()):
+            if p.accepted:
+                self._send(p, msg, now)
 
     def _finish_fetch(self, now: float) -> None:
         with self._cv:

@@ -256,6 +256,15 @@ class Have(Message):
 
 
 @dataclass(frozen=True)
+class HandedOut(Message):
+    """A full seed has started to send `piece` to some peer: ask it for other pieces first."""
+
+    TYPE: ClassVar[str] = "handed_out"
+    SCHEMA: ClassVar[Mapping[str, Check]] = {"piece": PieceIndex()}
+    piece: int
+
+
+@dataclass(frozen=True)
 class Request(Message):
     TYPE: ClassVar[str] = "request"
     SCHEMA: ClassVar[Mapping[str, Check]] = {"piece": PieceIndex()}
@@ -346,6 +355,7 @@ MESSAGES: dict[str, type[Message]] = {
         ManifestReply,
         Bitfield,
         Have,
+        HandedOut,
         Request,
         Cancel,
         Reject,

@@ -12,6 +12,7 @@ from swarm.scheduler import (
     PIECE_TRANSITIONS,
     Cancel,
     Decision,
+    HandedOut,
     Refuse,
     Request,
     Scheduler,
@@ -256,11 +257,11 @@ def test_late_duplicate_is_ignored() -> None:
 
 def test_upload_admission() -> None:
     s = sched(k=4, have=(0, 1, 2, 3), seed_max_uploads=2, seed_max_upload_queue=1)
-    assert s.upload_requested("x", 0, 0.0) == [Serve("x", 0)]
-    assert s.upload_requested("y", 1, 0.0) == [Serve("y", 1)]
+    assert s.upload_requested("x", 0, 0.0) == [Serve("x", 0), HandedOut(0)]
+    assert s.upload_requested("y", 1, 0.0) == [Serve("y", 1), HandedOut(1)]
     assert s.upload_requested("z", 2, 0.0) == []  # queued
     assert s.upload_requested("w", 3, 0.0) == [Refuse("w", 3, "busy")]
-    assert s.upload_finished("x", 0, 0.1, ok=True) == [Serve("z", 2)]
+    assert s.upload_finished("x", 0, 0.1, ok=True) == [Serve("z", 2), HandedOut(2)]
     assert s.upload_requested("x", 99, 0.1) == [Refuse("x", 99, "not_held")]
 
 
@@ -282,40 +283,40 @@ def test_admission_table_covers_every_case() -> None:
 
 def test_upload_slots_are_spread_over_requesting_peers() -> None:
     s = sched(k=8, have=range(8), seed_max_uploads=2)
-    assert s.upload_requested("x", 0, 0.0) == [Serve("x", 0)]
-    assert s.upload_requested("x", 1, 0.0) == [Serve("x", 1)]
+    assert s.upload_requested("x", 0, 0.0) == [Serve("x", 0), HandedOut(0)]
+    assert s.upload_requested("x", 1, 0.0) == [Serve("x", 1), HandedOut(1)]
     s.upload_requested("x", 2, 0.0)
     s.upload_requested("x", 3, 0.0)
     s.upload_requested("y", 4, 0.0)
     # "y" waits behind x's requests, but gets the next slot: x already has one running
-    assert s.upload_finished("x", 0, 0.1, ok=True) == [Serve("y", 4)]
+    assert s.upload_finished("x", 0, 0.1, ok=True) == [Serve("y", 4), HandedOut(4)]
 
 
 def test_seed_serves_the_piece_the_swarm_holds_least() -> None:
     s = sched(k=4, have=range(4), seed_max_uploads=1)
     for peer, pieces in {"p": [0, 1], "q": [0, 1], "r": [0]}.items():
         s.peer_bitfield(peer, pieces, 0.0)
-    assert s.upload_requested("t", 3, 0.0) == [Serve("t", 3)]
+    assert s.upload_requested("t", 3, 0.0) == [Serve("t", 3), HandedOut(3)]
     s.upload_requested("u", 0, 0.0)  # held by 3 peers
     s.upload_requested("v", 1, 0.0)  # held by 2
     s.upload_requested("w", 2, 0.0)  # held by none, never sent
-    assert s.upload_finished("t", 3, 0.1, ok=True) == [Serve("w", 2)]
-    assert s.upload_finished("w", 2, 0.2, ok=True) == [Serve("v", 1)]
-    assert s.upload_finished("v", 1, 0.3, ok=True) == [Serve("u", 0)]
+    assert s.upload_finished("t", 3, 0.1, ok=True) == [Serve("w", 2), HandedOut(2)]
+    assert s.upload_finished("w", 2, 0.2, ok=True) == [Serve("v", 1), HandedOut(1)]
+    assert s.upload_finished("v", 1, 0.3, ok=True) == [Serve("u", 0), HandedOut(0)]
 
 
 def test_seed_preference_cannot_starve_a_request() -> None:
     s = sched(k=64, have=range(64), seed_max_uploads=1, seed_max_overtakes=3)
     s.peer_bitfield("p", [0], 0.0)
-    assert s.upload_requested("first", 63, 0.0) == [Serve("first", 63)]
+    assert s.upload_requested("first", 63, 0.0) == [Serve("first", 63), HandedOut(63)]
     s.upload_requested("old", 0, 0.0)  # piece 0 is held by p: less urgent than pieces nobody has
     for i in range(1, 10):
         s.upload_requested(f"n{i}", i, 0.0)
     running = ("first", 63)
     order = []
     for step in range(6):
-        (serve,) = s.upload_finished(*running, 0.1 * (step + 1), ok=True)
-        assert isinstance(serve, Serve)
+        serve, handed = s.upload_finished(*running, 0.1 * (step + 1), ok=True)
+        assert isinstance(serve, Serve) and handed == HandedOut(serve.piece)
         order.append(serve.peer)
         running = (serve.peer, serve.piece)
     # overtaken by four uploads (more than 3), then served; without the bound it would wait for all nine
@@ -339,7 +340,45 @@ def test_upload_cancelled_drops_a_queued_request_and_frees_a_running_one() -> No
     s.upload_cancelled("b", 1, 0.1)
     s.upload_cancelled("a", 0, 0.1)  # the running one: its slot is free
     assert s.wants_tick
-    assert s.tick(0.1) == [Serve("c", 2)]
+    assert s.tick(0.1) == [Serve("c", 2), HandedOut(2)]
+
+
+# --- rule 12: handed-out hints ----------------------------------------------------------------------
+
+
+def test_a_seed_announces_each_piece_once_and_a_leecher_never() -> None:
+    s = sched(k=2, have=range(2), seed_max_uploads=4)
+    assert s.upload_requested("x", 0, 0.0) == [Serve("x", 0), HandedOut(0)]
+    s.upload_finished("x", 0, 0.1, ok=True)
+    assert s.upload_requested("y", 0, 0.1) == [Serve("y", 0)]  # already handed out once
+    leecher = sched(k=2)
+    leecher.peer_bitfield("a", [0], 0.0)
+    leecher.tick(0.0)
+    leecher.piece_received("a", 0, 0.1)
+    assert leecher.upload_requested("x", 0, 0.1) == [Serve("x", 0)]
+
+
+def test_a_seed_is_asked_for_pieces_it_has_not_handed_out_first() -> None:
+    s = sched(k=8, min_pipeline=1, max_pipeline=1)
+    s.peer_bitfield("seed", range(8), 0.0)
+    for p in (0, 1, 2, 3, 5, 6, 7):
+        s.peer_handed_out("seed", p, 0.0)
+    assert s.tick(0.0) == [Request("seed", 4)]
+    s.piece_received("seed", 4, 0.1)
+    (req,) = s.tick(0.1)  # nothing new is left at the seed: the hint gives way, the fetch goes on
+    assert isinstance(req, Request) and req.peer == "seed" and req.piece != 4
+
+
+def test_at_a_seed_the_hint_outranks_rarity() -> None:
+    # pieces 2 and 3 look rarest from here (only the seed holds them among this node's peers), but the
+    # seed has handed them to someone outside this view already; its egress goes to pieces 0 and 1
+    s = sched(k=4, min_pipeline=1, max_pipeline=1)
+    s.peer_bitfield("seed", range(4), 0.0)
+    s.peer_bitfield("other", [0, 1], 0.0)
+    s.peer_handed_out("seed", 2, 0.0)
+    s.peer_handed_out("seed", 3, 0.0)
+    reqs = requests(s.tick(0.0))
+    assert sorted(p for _, p in reqs) == [0, 1] and {q for q, _ in reqs} == {"seed", "other"}
 
 
 # --- peers leaving ---------------------------------------------------------------------------------

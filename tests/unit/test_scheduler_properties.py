@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.scheduler import Cancel, Decision, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.scheduler import Cancel, Decision, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Net:
     transfers: list[tuple[str, str, int]] = field(default_factory=list)  # (uploader, downloader, piece)
     now: float = 0.0
     violations: list[str] = field(default_factory=list)
+    handed: set[tuple[str, int]] = field(default_factory=set)  # (seed, piece) announced (rule 12)
 
     def add(self, name: str, have: range | tuple[int, ...], seed: int) -> None:
         s = Scheduler([1000 + i for i in range(self.k)], have, seed=seed, config=self.cfg)
@@ -53,6 +54,16 @@ class Net:
     def apply(self, name: str, decisions: list[Decision]) -> None:
         me = self.nodes[name]
         for d in decisions:
+            if isinstance(d, HandedOut):
+                if not me.complete:
+                    self.violations.append(f"{name} handed out {d.piece} but is not a full seed")
+                if (name, d.piece) in self.handed:
+                    self.violations.append(f"{name} announced {d.piece} as handed out twice")
+                self.handed.add((name, d.piece))
+                for other, o in self.nodes.items():
+                    if other != name:
+                        o.peer_handed_out(name, d.piece, self.now)
+                continue
             peer = self.nodes.get(d.peer)
             if isinstance(d, Request):
                 if peer is None:

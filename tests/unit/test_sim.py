@@ -143,20 +143,13 @@ def _together(n: int) -> tuple[float, float]:
     return r.time_s, r.ratio
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 target not met yet: the swarm reaches ~1.31x the bound at N=64 (docs/simulation.md)",
-)
-def test_target_together_within_1_25_of_the_bound() -> None:
-    _, ratio = _together(64)
-    assert ratio <= 1.25
-
-
-def test_together_is_flat_in_n_and_does_not_regress() -> None:
+def test_target_together_within_1_25_of_the_bound_and_1_5_of_one_receiver() -> None:
+    # the issue's targets at a reduced size (N = 1000 with 1,000 pieces: docs/simulation.md); fewer,
+    # larger pieces make the same target harder (each hop costs a larger share of the model)
     one, _ = _together(1)
     many, ratio = _together(64)
-    assert many <= 1.5 * one  # the issue's second target for this scenario: holds
-    assert ratio <= 1.40  # what the current scheduler reaches (1.31), with a little slack
+    assert ratio <= 1.25  # 1.235 with the scheduler's defaults (1.22-1.23 with other seeds)
+    assert many <= 1.5 * one
 
 
 @pytest.mark.parametrize("name", ["staggered", "hetero"])
