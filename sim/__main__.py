@@ -5,6 +5,7 @@ Examples::
     python -m sim --nodes 1,10,100,1000                      # all strategies, h200 calibration
     python -m sim --strategy swarm,binomial --scenario hetero --nodes 100 --json
     python -m sim --calibration cluster --nodes 1,10,100,1000 --plot docs/simulation.png
+    python -m sim --nodes 100,1000 --strategy swarm --jobs 2  # two simulations at once
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stagger", type=float, default=2.0, help="staggered: arrivals over this many copies")
     p.add_argument("--slow", type=float, default=0.2, help="hetero: slow links' fraction of B")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="simulations to run at once, in processes (default 1)")
     p.add_argument("--json", action="store_true", help="print a JSON list of records instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="also draw time against N")
     a = p.parse_args(argv)
@@ -129,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=SchedulerConfig(),
             stagger=a.stagger,
             slow=a.slow,
+            jobs=a.jobs,
         )
         if not a.json:
             print(table([r for r in records if r.scenario == scenario]), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 from sim import baselines
@@ -112,8 +113,11 @@ def run_grid(
     config: SchedulerConfig | None = None,
     stagger: float = 2.0,
     slow: float = 0.2,
+    jobs: int = 1,
 ) -> list[Record]:
-    out = []
+    """Every strategy at every N, in that order. ``jobs > 1`` runs them in that many processes (each
+    simulation is one sequential loop; a grid of them is what a multi-core machine can share out)."""
+    tasks = []
     for n in nodes:
         sc = build(
             scenario,
@@ -126,6 +130,16 @@ def run_grid(
             stagger=stagger,
             slow=slow,
         )
-        for s in strategies:
-            out.append(run_one(s, sc, seed=seed, degree=degree, config=config))
-    return out
+        tasks += [(s, sc) for s in strategies]
+    if jobs <= 1 or len(tasks) <= 1:
+        return [run_one(s, sc, seed=seed, degree=degree, config=config) for s, sc in tasks]
+    # the longest runs first, so that they do not start last and hold up the grid
+    order = sorted(range(len(tasks)), key=lambda i: -_cost(*tasks[i]))
+    with ProcessPoolExecutor(max_workers=jobs) as ex:
+        futures = {i: ex.submit(run_one, *tasks[i], seed=seed, degree=degree, config=config) for i in order}
+        return [futures[i].result() for i in range(len(tasks))]
+
+
+def _cost(strategy: str, sc: Scenario) -> float:
+    """A rough relative cost: the swarm simulation is per node and piece, the baselines are cheap."""
+    return len(sc.nodes) * len(sc.piece_sizes) * (1000 if strategy == "swarm" else 1)

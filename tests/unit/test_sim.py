@@ -17,7 +17,7 @@ import pytest
 
 from sim import baselines
 from sim.engine import SwarmSim
-from sim.run import run_one
+from sim.run import run_grid, run_one
 from sim.scenario import CALIBRATIONS, binomial_pipeline_bound, build, lower_bound, piece_sizes
 
 H200 = CALIBRATIONS["h200"]
@@ -181,6 +181,15 @@ def test_cli_json_and_plot(tmp_path: Path) -> None:
         assert {"strategy", "nodes", "time_s", "lower_bound_s", "ratio"} <= set(r)
         assert r["ratio"] == pytest.approx(r["time_s"] / r["lower_bound_s"])
     assert png.stat().st_size > 1000
+
+
+def test_grid_in_processes_gives_the_same_records_in_the_same_order() -> None:
+    kw = dict(model_bytes=H200.model_bytes, pieces=40, bandwidth=H200.bandwidth, latency=H200.latency)
+    one = run_grid(["swarm", "binomial"], "hetero", [2, 5, 9], jobs=1, **kw)  # type: ignore[arg-type]
+    two = run_grid(["swarm", "binomial"], "hetero", [2, 5, 9], jobs=2, **kw)  # type: ignore[arg-type]
+    strip = [dataclasses.replace(r, sim_cpu_s=0.0) for r in one]
+    assert [dataclasses.replace(r, sim_cpu_s=0.0) for r in two] == strip
+    assert [(r.nodes, r.strategy) for r in two] == [(n, s) for n in (2, 5, 9) for s in ("swarm", "binomial")]
 
 
 def test_cli_table() -> None:
