@@ -276,6 +276,7 @@ class PeerStats:
     failures: int
     excluded: bool
     held: int  # pieces the peer is known to hold
+    handed_out: int = 0  # pieces the peer announced it has handed out (rule 12)
 
 
 # --- the rules as data ------------------------------------------------------------------------------
@@ -566,6 +567,7 @@ class Scheduler:
             failures=q.failures,
             excluded=q.excluded,
             held=q.mask.bit_count(),
+            handed_out=q.handed.bit_count(),
         )
 
     @property

@@ -129,3 +129,32 @@ def test_a_member_of_another_swarm_is_named_in_the_error() -> None:
         ) as leech:
             with pytest.raises(ManifestMismatchError, match="other swarm key: model-a"):
                 leech.fetch()
+
+
+def test_a_seed_tells_its_leecher_every_piece_it_hands_out() -> None:
+    import time
+
+    import torch
+
+    from swarm.manifest import SwarmKey
+    from swarm.node import Node, NodeConfig
+
+    cfg = NodeConfig(host="127.0.0.1", mdns=False, piece_size=1024, discovery_timeout_s=5.0)
+    t = {"w": torch.arange(10_000, dtype=torch.int32).to(torch.uint8)}
+    with Node(SwarmKey("m", "uint8"), t, cfg, complete=True) as seed:
+        leech_cfg = NodeConfig(
+            host="127.0.0.1",
+            mdns=False,
+            piece_size=1024,
+            discovery_timeout_s=5.0,
+            peers=f"127.0.0.1:{seed.control_port}",
+        )
+        out = {"w": torch.zeros(10_000, dtype=torch.uint8)}
+        with Node(SwarmKey("m", "uint8"), out, leech_cfg, complete=False) as leech:
+            leech.fetch()
+            assert torch.equal(out["w"], t["w"])
+            k = leech.scheduler.num_pieces
+            deadline = time.monotonic() + 10.0  # the last hint may trail its piece by a message
+            while leech.scheduler.peer_stats(seed.id).handed_out < k and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert leech.scheduler.peer_stats(seed.id).handed_out == k
