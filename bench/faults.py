@@ -351,11 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--runs", type=int, default=3, help="runs per kill/stop/corrupt scenario")
     ap.add_argument("--fuzz", type=int, default=1000, help="hypothesis examples per fuzzed client")
-    ap.add_argument("--soak", type=int, default=50, help="soak rounds")
+    ap.add_argument("--soak", type=int, default=50, help="soak rounds (more than the 5 of the warm-up)")
     ap.add_argument("--json", action="store_true", help="print JSON records instead of the table")
     ap.add_argument("--save", metavar="PATH", help="also write the JSON records to PATH")
     ap.add_argument("--no-lan", action="store_true", help="skip the namespaced-LAN link scenarios")
     args = ap.parse_args(argv)
+    from tests.faults.test_soak import WARMUP
+
+    if args.soak <= WARMUP:
+        ap.error(f"--soak needs more than {WARMUP} rounds: the first {WARMUP} are the warm-up (the baseline)")
     import logging
 
     logging.basicConfig(level=logging.CRITICAL)
