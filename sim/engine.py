@@ -11,9 +11,9 @@ Model (and why it is good enough):
   at least once per piece; so the allocation approximates global max-min fairness (what TCP or NCCL
   streams sharing links tend to) at O(flows at two nodes) per event, bounded by the scheduler
   (``max_uploads``; request pipelines).
-- Every message (request, cancel, refusal, have, bitfield, the end of a piece) arrives one ``latency``
-  after it is sent; a piece's bytes occupy both links from the Serve until the flow ends, and the
-  receiver learns of the last byte one latency later.
+- Every message (request, cancel, refusal, have, handed-out hint, bitfield, the end of a piece) arrives
+  one ``latency`` after it is sent; a piece's bytes occupy both links from the Serve until the flow
+  ends, and the receiver learns of the last byte one latency later.
 - Peer sets are bounded (``degree``, default 16): the nodes form a random ``degree``-regular graph
   (configuration model, drawn once from the seed), and a node that arrives connects to its graph
   neighbours that are present. If fewer than ``degree / 2`` are (early arrivals in a staggered
