@@ -1459,6 +1459,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sched", default="both", help="swarm cases: scheduler settings: default, nvlink, or both"
     )
     ap.add_argument("--control-sched", default="default", help="control: scheduler: default, nvlink, or both")
+    ap.add_argument("--swarm-piece-mib", default="64,256", help="swarm cases: piece sizes to try (MiB)")
     ap.add_argument("--timeout", type=float, default=540.0)
     ap.add_argument("--json", default="", help="write the records here ('-' for stdout)")
     args = ap.parse_args(argv)
