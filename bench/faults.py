@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from swarm.errors import FetchError, StallError
 from tests.faults import harness as H
+from tests.loopback import free_port, wait_until
 
 RATE = 3e6
 
@@ -70,7 +71,7 @@ def _two_seeds_one_fails(rec: Record, runs: int, sig: signal.Signals) -> None:
         rec.runs += 1
         members = H.Members(Path(tempfile.mkdtemp(prefix="faults-")))
         try:
-            ports = [H.free_port(), H.free_port()]
+            ports = [free_port(), free_port()]
             procs = [members.paced_seed(p, RATE, name=f"s{i}") for i, p in enumerate(ports)]
             for p, proc in zip(ports, procs, strict=True):
                 H.wait_for_member(p, proc)
@@ -81,11 +82,11 @@ def _two_seeds_one_fails(rec: Record, runs: int, sig: signal.Signals) -> None:
                 ]
                 nodes.extend(leechers)
                 fetches = [H.FetchRun(n).start() for n in leechers]
-                H.wait_until(lambda: all(n.status()["from"].get(victim, 0) for n in leechers), 30, "pulling")  # noqa: B023
+                wait_until(lambda: all(n.status()["from"].get(victim, 0) for n in leechers), 30, "pulling")  # noqa: B023
                 os.kill(procs[0].pid, sig)
                 t0 = time.monotonic()
                 dropped = max(
-                    H.wait_until(lambda n=n, v=victim: v not in n._peers, 20, "drop", step=0.01)
+                    wait_until(lambda n=n, v=victim: v not in n._peers, 20, "drop", step=0.01)
                     for n in leechers
                 )
                 rec.recovered(dropped - t0)
@@ -104,12 +105,12 @@ def _last_holder_fails(rec: Record, runs: int, sig: signal.Signals) -> None:
         rec.runs += 1
         members = H.Members(Path(tempfile.mkdtemp(prefix="faults-")))
         try:
-            port = H.free_port()
+            port = free_port()
             proc = members.paced_seed(port, RATE)
             H.wait_for_member(port, proc)
             with H.closing(H.leecher_node(transport=H.WatchedTcp(), peers=H.peers_of(port), **cfg)) as (n,):
                 run = H.FetchRun(n).start()
-                H.wait_until(lambda: H.progress(n) > 0.1, 30, "progress")
+                wait_until(lambda: H.progress(n) > 0.1, 30, "progress")
                 os.kill(proc.pid, sig)
                 t0 = time.monotonic()
                 run.wait(60)
@@ -137,10 +138,10 @@ def frozen_data_plane(rec: Record, runs: int) -> None:
             nodes.append(n)
             try:
                 run = H.FetchRun(n).start()
-                H.wait_until(lambda: n.status()["from"].get(a.id, 0) > 0, 30, "pulling")  # noqa: B023
+                wait_until(lambda: n.status()["from"].get(a.id, 0) > 0, 30, "pulling")  # noqa: B023
                 frozen.frozen.set()
                 t0 = time.monotonic()
-                H.wait_until(lambda: a.id not in n._peers, 20, "drop")  # noqa: B023
+                wait_until(lambda: a.id not in n._peers, 20, "drop")  # noqa: B023
                 rec.recovered(time.monotonic() - t0)
                 run.wait(60)
             finally:
@@ -177,7 +178,7 @@ def leechers_killed(rec: Record, rounds: int) -> None:
                     )
                     for i in range(2)
                 ]
-                H.wait_until(lambda: len(seed.status()["to"]) >= 2 and seed.scheduler._serving, 60, "pulling")
+                wait_until(lambda: len(seed.status()["to"]) >= 2 and seed.scheduler._serving, 60, "pulling")
                 for p in procs:
                     os.kill(p.pid, signal.SIGKILL)
                 t0 = time.monotonic()
@@ -188,7 +189,7 @@ def leechers_killed(rec: Record, rounds: int) -> None:
                     return not seed._peers and not t._senders and H.swarm_threads() == threads  # noqa: B023
 
                 try:
-                    rec.recovered(H.wait_until(freed, 10, "freed") - t0)
+                    rec.recovered(wait_until(freed, 10, "freed") - t0)
                     rec.survived += len(procs)
                 except AssertionError:
                     pass

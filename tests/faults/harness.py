@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from swarm.node import FetchReport, Node, NodeConfig
 from swarm.synthetic import synthetic_key, synthetic_tensors
 from swarm.transport.base import Events
 from swarm.transport.tcp import TcpTransport
+from tests.loopback import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -51,12 +51,6 @@ def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 def wrong_bytes(tensors: dict[str, torch.Tensor], size: int = SIZE) -> int:
     """How many bytes of `tensors` differ from the synthetic model's (0: byte-identical)."""
     return int((flat(tensors) != flat(expected(size))).sum())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def config(**overrides: Any) -> NodeConfig:
@@ -195,17 +189,6 @@ class FetchRun:
     @property
     def seconds(self) -> float:
         return (self.ended or time.monotonic()) - self.started
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, step: float = 0.02) -> float:
-    """Poll until `predicate()` is true; returns when (monotonic). Fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(step)
 
 
 def progress(node: Node) -> float:

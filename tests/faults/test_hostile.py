@@ -33,9 +33,9 @@ from tests.faults.harness import (
     resources,
     seed_node,
     swarm_threads,
-    wait_until,
     wrong_bytes,
 )
+from tests.loopback import wait_until
 
 TOKEN = "faults-cluster-token"
 FUZZ = settings(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -26,7 +27,6 @@ from tests.faults.harness import (
     PacedTcp,
     WatchedTcp,
     closing,
-    free_port,
     leecher_node,
     member_args,
     peers_of,
@@ -36,9 +36,9 @@ from tests.faults.harness import (
     status_of,
     swarm_threads,
     wait_for_member,
-    wait_until,
     wrong_bytes,
 )
+from tests.loopback import free_port, wait_until
 
 RATE = 3e6  # bytes/s per seed process: a fetch of SIZE takes a few seconds, so faults land mid-transfer
 
@@ -53,13 +53,18 @@ def _instance(port: int) -> str:
     return str(st["instance"])
 
 
-@pytest.mark.timeout(120)
-def test_seed_sigkill_leechers_finish_from_the_other_seed(members: Members) -> None:
+def _two_paced_seeds(members: Members) -> tuple[list[int], list[subprocess.Popen[bytes]], str]:
+    """Two paced seed processes, both answering; the instance id of the first (the one to fault)."""
     ports = [free_port(), free_port()]
     seeds = [members.paced_seed(p, RATE, name=f"seed{i}") for i, p in enumerate(ports)]
     for p, proc in zip(ports, seeds, strict=True):
         wait_for_member(p, proc)
-    victim = _instance(ports[0])
+    return ports, seeds, _instance(ports[0])
+
+
+@pytest.mark.timeout(120)
+def test_seed_sigkill_leechers_finish_from_the_other_seed(members: Members) -> None:
+    ports, seeds, victim = _two_paced_seeds(members)
     with closing() as nodes:
         watches = [WatchedTcp() for _ in range(2)]
         leechers = [leecher_node(transport=w, peers=peers_of(*ports)) for w in watches]
@@ -103,11 +108,7 @@ def test_last_holder_sigkilled_fetch_raises_stall_within_deadline(members: Membe
 
 @pytest.mark.timeout(120)
 def test_sigstopped_seed_costs_at_most_peer_timeout(members: Members) -> None:
-    ports = [free_port(), free_port()]
-    seeds = [members.paced_seed(p, RATE, name=f"seed{i}") for i, p in enumerate(ports)]
-    for p, proc in zip(ports, seeds, strict=True):
-        wait_for_member(p, proc)
-    victim = _instance(ports[0])
+    ports, seeds, victim = _two_paced_seeds(members)
     with closing(leecher_node(transport=WatchedTcp(), peers=peers_of(*ports), peer_timeout_s=2.0)) as (n,):
         run = FetchRun(n).start()
         wait_until(lambda: n.status()["from"].get(victim, 0) > 0, 30, "pieces from the victim")

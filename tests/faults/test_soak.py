@@ -23,16 +23,15 @@ from tests.faults.harness import (
     FetchRun,
     Members,
     Resources,
-    free_port,
     leecher_node,
     member_args,
     peers_of,
     resources,
     status_of,
     wait_for_member,
-    wait_until,
     wrong_bytes,
 )
+from tests.loopback import free_port, wait_until
 
 ROUNDS = int(os.environ.get("SWARM_SOAK_ROUNDS", "50"))
 WARMUP = 5

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import Procs, free_port, status, wait_until
+from tests.integration.conftest import Procs, status
+from tests.loopback import free_port, wait_until
 
 SIZE = "24MB"
 COMMON = ["--synthetic", SIZE, "--piece-size", "512KB", "--no-mdns", "--host", "127.0.0.1"]
@@ -14,7 +15,7 @@ COMMON = ["--synthetic", SIZE, "--piece-size", "512KB", "--no-mdns", "--host", "
 def test_seed_and_three_leechers_end_byte_identical(procs: Procs) -> None:
     port = free_port()
     seed = procs.start("seed", *COMMON, "--port", str(port), name="seed")
-    wait_until(lambda: status(f"127.0.0.1:{port}"), 30, "the seed to answer status")
+    wait_until(lambda: status(f"127.0.0.1:{port}"), 30, "the seed to answer status", step=0.2)
     peers = f"127.0.0.1:{port}"
     leechers = [
         procs.start("fetch", *COMMON, "--peers", peers, "--exit", "--quiet", name=f"leecher{i}")
@@ -32,7 +33,7 @@ def test_later_leecher_pulls_from_an_earlier_one(procs: Procs) -> None:
     # A slow seed (rate cap) makes the earlier leecher, once complete, the faster source.
     procs.start("seed", *COMMON, "--port", str(port), "--rate-cap", "8MB", name="seed")
     peers = f"127.0.0.1:{port}"
-    wait_until(lambda: status(peers), 30, "the seed to answer status")
+    wait_until(lambda: status(peers), 30, "the seed to answer status", step=0.2)
     first_port = free_port()
     procs.start("fetch", *COMMON, "--peers", peers, "--port", str(first_port), "--quiet", name="first")
     all_peers = f"{peers},127.0.0.1:{first_port}"
@@ -40,7 +41,7 @@ def test_later_leecher_pulls_from_an_earlier_one(procs: Procs) -> None:
     def first_is_seed() -> bool:
         return any(r["role"] == "seed" and r["port"] == first_port for r in status(all_peers))
 
-    wait_until(first_is_seed, 60, "the first leecher to complete")
+    wait_until(first_is_seed, 60, "the first leecher to complete", step=0.2)
     later_port = free_port()
     later = procs.start(
         "fetch",
@@ -59,7 +60,7 @@ def test_later_leecher_pulls_from_an_earlier_one(procs: Procs) -> None:
     def later_done() -> bool:
         return any(r["port"] == later_port and r["role"] == "seed" for r in status(rows_peers))
 
-    wait_until(later_done, 60, "the later leecher to complete")
+    wait_until(later_done, 60, "the later leecher to complete", step=0.2)
     rows = {r["port"]: r for r in status(rows_peers)}
     first_id = rows[first_port]["instance"]
     got = rows[later_port]["from"]
@@ -132,29 +133,11 @@ def test_a_member_of_another_swarm_is_named_in_the_error() -> None:
 
 
 def test_a_seed_tells_its_leecher_every_piece_it_hands_out() -> None:
-    import time
+    from tests.faults.harness import closing, leecher_node, peers_of, seed_node, wrong_bytes
 
-    import torch
-
-    from swarm.manifest import SwarmKey
-    from swarm.node import Node, NodeConfig
-
-    cfg = NodeConfig(host="127.0.0.1", mdns=False, piece_size=1024, discovery_timeout_s=5.0)
-    t = {"w": torch.arange(10_000, dtype=torch.int32).to(torch.uint8)}
-    with Node(SwarmKey("m", "uint8"), t, cfg, complete=True) as seed:
-        leech_cfg = NodeConfig(
-            host="127.0.0.1",
-            mdns=False,
-            piece_size=1024,
-            discovery_timeout_s=5.0,
-            peers=f"127.0.0.1:{seed.control_port}",
-        )
-        out = {"w": torch.zeros(10_000, dtype=torch.uint8)}
-        with Node(SwarmKey("m", "uint8"), out, leech_cfg, complete=False) as leech:
-            leech.fetch()
-            assert torch.equal(out["w"], t["w"])
-            k = leech.scheduler.num_pieces
-            deadline = time.monotonic() + 10.0  # the last hint may trail its piece by a message
-            while leech.scheduler.peer_stats(seed.id).handed_out < k and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert leech.scheduler.peer_stats(seed.id).handed_out == k
+    with closing(seed_node()) as (seed,), closing(leecher_node(peers=peers_of(seed))) as (leech,):
+        leech.fetch()
+        assert wrong_bytes(dict(leech.tensors)) == 0
+        k = leech.scheduler.num_pieces
+        # the last hint may trail its piece by a message; one hint per piece
+        wait_until(lambda: leech.scheduler.peer_stats(seed.id).handed_out == k, 10.0, "every handed-out hint")
