@@ -37,7 +37,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import threading
 import time
@@ -66,6 +65,7 @@ from swarm.transport.nccl import (  # noqa: E402
     NcclTransport,
     fused_checksum_async,
 )
+from tests.loopback import free_port  # noqa: E402
 
 ALL_CASES = (
     "checksum",
@@ -1359,50 +1359,34 @@ def collect(procs: list[Any], results: Any, world: int, timeout: float) -> list[
 
 
 def run_control(args: Any) -> list[dict[str, Any]]:
-    import torch.distributed as dist
-
     world = args.control_leechers + 1
-    port = free_port()
-    ports = [free_port() for _ in range(world)]
-    store = dist.TCPStore("127.0.0.1", port, world + 1, True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [
-        ctx.Process(target=control_main, args=(r, world, port, ports, results, args)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    records = collect(procs, results, world, args.timeout)
-    del store
-    return records
+    return run_ranks(control_main, world, [free_port() for _ in range(world)], args)
 
 
 # --- the parent ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run(args: Any) -> list[dict[str, Any]]:
-    import torch.distributed as dist
-
     world = args.gpus or torch.cuda.device_count()
     if world < 2 and any(
         c in args.cases for c in ("pair", "naive", "broadcast", "transport", "serving", "binding")
     ):
         raise SystemExit(f"{world} GPU(s): the transfer cases need at least 2")
-    port = free_port()
     args.ports = [free_port() for _ in range(world)]
+    inboxes = {f"r{r}": mp.get_context("spawn").Queue() for r in range(world)}
+    return run_ranks(worker_main, world, inboxes, args)
+
+
+def run_ranks(target: Callable[..., None], world: int, shared: Any, args: Any) -> list[dict[str, Any]]:
+    """Start `target(rank, world, store_port, shared, results, args)` in one spawned process per rank
+    beside a TCPStore they rendezvous on, and collect their records."""
+    import torch.distributed as dist
+
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, world + 1, True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
-    inboxes = {f"r{r}": ctx.Queue() for r in range(world)}
     results = ctx.Queue()
-    procs = [
-        ctx.Process(target=worker_main, args=(r, world, port, inboxes, results, args)) for r in range(world)
-    ]
+    procs = [ctx.Process(target=target, args=(r, world, port, shared, results, args)) for r in range(world)]
     for p in procs:
         p.start()
     records = collect(procs, results, world, args.timeout)
