@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -207,15 +209,18 @@ class Members:
         self.logs: dict[int, Path] = {}
 
     def start(
-        self, command: str, *args: str, name: str, env: dict[str, str] | None = None
+        self, command: str, *args: str, name: str, env: dict[str, str] | None = None, nofile: int = 0
     ) -> subprocess.Popen[bytes]:
-        return self.python("-m", "swarm.cli", command, *args, name=name, env=env)
+        return self.python("-m", "swarm.cli", command, *args, name=name, env=env, nofile=nofile)
 
     def paced_seed(self, port: int, rate: float, *, name: str = "paced") -> subprocess.Popen[bytes]:
         """A seed process sending pieces in small chunks at `rate` bytes/s (see serve_paced)."""
         return self.python("-m", "tests.faults.harness", str(port), str(rate), name=name)
 
-    def python(self, *args: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def python(
+        self, *args: str, name: str, env: dict[str, str] | None = None, nofile: int = 0
+    ) -> subprocess.Popen[bytes]:
+        """`nofile`, when given, is the process's limit of open files (so that a test can exhaust it)."""
         log = self.logdir / f"{name}.log"
         full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full["PYTHONPATH"] = str(REPO) + (os.pathsep + full["PYTHONPATH"] if full.get("PYTHONPATH") else "")
@@ -228,6 +233,9 @@ class Members:
                 stderr=subprocess.STDOUT,
                 env=full,
                 cwd=REPO,
+                preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+                if nofile
+                else None,
             )
         self.procs.append(p)
         self.logs[p.pid] = log
@@ -341,6 +349,28 @@ class RawClient:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+
+
+def zmtp_connect(port: int, timeout_s: float = 5.0) -> socket.socket:
+    """A raw TCP connection that completes the ZMTP 3.0 NULL handshake as a DEALER (what libzmq would
+    do), so the caller can then send frames byte by byte: a frame header claiming `n` bytes, then fewer."""
+    s = socket.create_connection((HOST, port), timeout=timeout_s)
+    greeting = b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+    prop = b"\x0bSocket-Type" + (6).to_bytes(4, "big") + b"DEALER"
+    ready = b"\x05READY" + prop
+    s.sendall(greeting + bytes([0x04, len(ready)]) + ready)
+    got = b""
+    while len(got) < 64 + 2:  # the node's greeting and the head of its READY
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("the node closed the ZMTP handshake")
+        got += chunk
+    return s
+
+
+def zmtp_frame_head(length: int) -> bytes:
+    """The header of one ZMTP message frame (long form) of `length` bytes, last of its message."""
+    return bytes([0x02]) + length.to_bytes(8, "big")
 
 
 def decoded(frames: Sequence[bytes], codec: P.Codec) -> list[P.Message]:
