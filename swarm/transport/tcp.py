@@ -23,11 +23,14 @@ node sends, for links shared with inference traffic.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import logging
 import os
 import queue
 import select
+import selectors
 import socket
 import struct
 import threading
@@ -41,11 +44,85 @@ from swarm.errors import TransportError
 from swarm.manifest import checksum
 from swarm.transport.base import Transport
 
+log = logging.getLogger("swarm.transport.tcp")
+
 HEADER = struct.Struct("!IQ")
+#: Data connections whose credentials are still arriving, at most (a new one pushes out the oldest).
+MAX_HANDSHAKES = 64
+#: Authenticated data channels this node serves at most (one per peer; the node caps its accepted
+#: peers at swarm.node.MAX_PEERS, so honest peers never meet this cap).
+MAX_CHANNELS = 128
+#: Piece-sized staging buffers of a node at most, over all its data channels (the scheduler's default
+#: `max_requests`, pieces in flight over all peers, is 10).
+MAX_STAGING = 16
+#: How long accepting pauses when the process is out of fds or memory.
+_ACCEPT_BACKOFF_S = 0.2
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 NONCE_SIZE = 16
 _DATA_CONTEXT = b"vllm-swarm-data"
 _STOP = -1
 _POLL_S = 0.5
+
+
+class _Handshake:
+    """The credentials of one data connection as they arrive: length byte, peer id, MAC (with a key)."""
+
+    def __init__(self, nonce: bytes, deadline: float, key: bytes | None) -> None:
+        self.nonce = nonce
+        self.deadline = deadline
+        self.want_mac = key is not None
+        self.buf = bytearray()
+        self.peer: str | None = None
+        self.mac = b""
+
+    def read(self, conn: socket.socket) -> bool:
+        """Reads what is there; True when the handshake is over (complete, or failed: peer is None)."""
+        need = 1 + (self.buf[0] if self.buf else 0) + (32 if self.want_mac else 0)
+        try:
+            chunk = conn.recv(need - len(self.buf) if self.buf else 1)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not chunk:
+            return True
+        self.buf += chunk
+        n = self.buf[0]
+        if len(self.buf) < 1 + n + (32 if self.want_mac else 0):
+            return False
+        self.peer = bytes(self.buf[1 : 1 + n]).decode("utf-8", "replace")
+        self.mac = bytes(self.buf[1 + n :])
+        return True
+
+
+class _StagingPool:
+    """Piece-sized receive buffers shared by every data channel of a node: at most `limit` exist, made
+    on first use and reused, so staging memory is bounded by `limit x piece size` however many peers
+    are connected (a piece in flight needs one; the scheduler keeps far fewer in flight than this)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.made = 0
+        self._free: list[bytearray] = []
+        self._cv = threading.Condition()
+
+    def take(self, timeout_s: float, stopped: Callable[[], bool]) -> bytearray:
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while not self._free and self.made >= self.limit:
+                if stopped() or time.monotonic() > deadline:
+                    raise TransportError(f"no staging buffer free within {timeout_s:.1f} s")
+                self._cv.wait(_POLL_S)
+            if self._free:
+                return self._free.pop()
+            self.made += 1
+            return bytearray(self.size)
+
+    def give(self, buf: bytearray) -> None:
+        with self._cv:
+            self._free.append(buf)
+            self._cv.notify()
 
 
 class RateLimiter:
@@ -182,8 +259,6 @@ class _Receiver:
             sock.sendall(t._credentials(nonce))
             # Short socket timeouts let the loop notice close() and tell idle from stalled.
             sock.settimeout(_POLL_S)
-            staging = bytearray(t.max_piece)
-            view = memoryview(staging)
             header = bytearray(HEADER.size)
 
             def idle() -> bool:
@@ -199,12 +274,17 @@ class _Receiver:
                 if not t._valid_header(piece, length):
                     reason = f"peer sent an invalid piece header (piece {piece}, {length} bytes)"
                     break
-                _recv_into(sock, view[:length], t.io_timeout_s, stopped=stopped)
-                with self.lock:
-                    wanted = piece in self.expected
-                    self.expected.discard(piece)
-                if wanted:
-                    t._deliver(self.peer, piece, view[:length])
+                staging = t.staging.take(t.io_timeout_s, stopped)
+                try:
+                    view = memoryview(staging)[:length]
+                    _recv_into(sock, view, t.io_timeout_s, stopped=stopped)
+                    with self.lock:
+                        wanted = piece in self.expected
+                        self.expected.discard(piece)
+                    if wanted:
+                        t._deliver(self.peer, piece, view)
+                finally:
+                    t.staging.give(staging)
         except (OSError, TransportError) as e:
             reason = f"{type(e).__name__}: {e}"
         finally:
@@ -254,12 +334,17 @@ class TcpTransport(Transport):
         self._closing = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.staging = _StagingPool(MAX_STAGING)
+        #: times the data port ran out of fds or memory (and paused accepting instead of dying)
+        self.exhausted = 0
+        self._last_exhausted_log = 0.0
 
     # --- set-up -----------------------------------------------------------------------------------
 
     def open(self, host: str) -> dict[str, Any]:
         assert self.manifest is not None, "bind() first"
         self.max_piece = max((p.length for p in self.manifest.pieces), default=0)
+        self.staging.size = self.max_piece
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -272,35 +357,103 @@ class TcpTransport(Transport):
         return {"port": listener.getsockname()[1]}
 
     def _accept_loop(self) -> None:
+        """Accepts data connections and runs every handshake in this one thread (non-blocking), so an
+        unauthenticated connection costs one socket and a few bytes, never a thread: at most
+        MAX_HANDSHAKES at once (a new one pushes out the oldest, so slow senders cannot lock honest
+        peers out), each cut at `connect_timeout_s` after its accept however it trickles. Running out
+        of fds (EMFILE) or kernel memory only pauses accepting, with a log line, then goes on."""
         assert self._listener is not None
-        while not self._closing:
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(
-                target=self._handshake, args=(conn,), name="swarm-tcp-hello", daemon=True
-            ).start()
-
-    def _handshake(self, conn: socket.socket) -> None:
+        listener = self._listener
+        listener.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        pending: dict[socket.socket, _Handshake] = {}
+        paused_until = 0.0
         try:
-            conn.settimeout(self.connect_timeout_s)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nonce = os.urandom(NONCE_SIZE)
-            conn.sendall(nonce)
-            (n,) = struct.unpack("!B", _recv_exact(conn, 1, self.connect_timeout_s))
-            peer = _recv_exact(conn, n, self.connect_timeout_s).decode("utf-8", "replace")
-            mac = _recv_exact(conn, 32, self.connect_timeout_s) if self._key else b""
-            if self._key and not hmac.compare_digest(mac, self._mac(nonce, peer)):
-                raise TransportError("data connection with a bad signature")
+            while not self._closing:
+                now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    paused_until = 0.0
+                    sel.register(listener, selectors.EVENT_READ)
+                wait = min([h.deadline for h in pending.values()] + [now + _POLL_S]) - now
+                for key, _ in sel.select(max(wait, 0.0)):
+                    if key.fileobj is listener:
+                        if self._accept_some(listener, sel, pending):
+                            sel.unregister(listener)
+                            paused_until = time.monotonic() + _ACCEPT_BACKOFF_S
+                        continue
+                    conn = key.fileobj
+                    assert isinstance(conn, socket.socket)
+                    h = pending.get(conn)
+                    if h is not None and h.read(conn):
+                        sel.unregister(conn)
+                        del pending[conn]
+                        self._handshake_done(conn, h)
+                now = time.monotonic()
+                for conn, h in list(pending.items()):
+                    if now >= h.deadline:
+                        sel.unregister(conn)
+                        del pending[conn]
+                        conn.close()
+        finally:
+            for conn in pending:
+                conn.close()
+            sel.close()
+
+    def _accept_some(
+        self, listener: socket.socket, sel: selectors.BaseSelector, pending: dict[socket.socket, _Handshake]
+    ) -> bool:
+        """Accepts what is waiting; True when out of fds or memory (the caller pauses accepting)."""
+        for _ in range(64):
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno in _RESOURCE_ERRNOS:
+                    now = time.monotonic()
+                    if now - self._last_exhausted_log > 10.0:
+                        self._last_exhausted_log = now
+                        log.warning(
+                            "data port: cannot accept (%s); pausing %.1f s and going on",
+                            os.strerror(e.errno or 0),
+                            _ACCEPT_BACKOFF_S,
+                        )
+                    self.exhausted += 1
+                    return True
+                if self._closing:
+                    return False
+                log.warning("data port: accept failed: %s", e)
+                return False
+            if len(pending) >= MAX_HANDSHAKES:
+                oldest = min(pending, key=lambda c: pending[c].deadline)
+                sel.unregister(oldest)
+                del pending[oldest]
+                oldest.close()
+            try:
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                h = _Handshake(os.urandom(NONCE_SIZE), time.monotonic() + self.connect_timeout_s, self._key)
+                conn.send(h.nonce)  # 16 bytes into an empty send buffer: never blocks
+                sel.register(conn, selectors.EVENT_READ)
+                pending[conn] = h
+            except OSError:
+                conn.close()
+        return False
+
+    def _handshake_done(self, conn: socket.socket, h: _Handshake) -> None:
+        peer = h.peer
+        if peer is None or (self._key and not hmac.compare_digest(h.mac, self._mac(h.nonce, peer))):
+            conn.close()
+            return
+        try:
+            conn.setblocking(True)
             conn.settimeout(self.io_timeout_s)
-        except (OSError, TransportError, struct.error):
+        except OSError:
             conn.close()
             return
         with self._lock:
-            if self._closing:
+            if self._closing or (peer not in self._senders and len(self._senders) >= MAX_CHANNELS):
                 conn.close()
                 return
             old = self._senders.pop(peer, None)
@@ -416,13 +569,14 @@ class TcpTransport(Transport):
     def close(self) -> None:
         self._closing = True
         if self._listener is not None:
-            try:  # wakes the accept() in progress at once (Linux) instead of at its 0.5 s poll
+            try:  # wakes the accept thread's select at once (Linux) instead of at its 0.5 s poll
                 self._listener.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._listener.close()
         if self._accept_thread is not None:
             self._accept_thread.join(2.0)
+        if self._listener is not None:
+            self._listener.close()
         with self._lock:
             channels: list[_Sender | _Receiver] = [*self._senders.values(), *self._receivers.values()]
             self._senders.clear()

@@ -168,7 +168,7 @@ def test_data_port_survives_running_out_of_fds(members: Members) -> None:
         for s in held:
             s.close()
         time.sleep(1.0)
-        _honest_fetch(port, io_timeout_s=3.0, stall_timeout_s=10.0, deadline_s=30.0)
+        _honest_fetch(port, io_timeout_s=3.0, discovery_timeout_s=8.0, stall_timeout_s=10.0, deadline_s=30.0)
 
 
 def _data_port_of(port: int) -> int:
