@@ -72,6 +72,51 @@ _MAX_PROTOCOL_ERRORS = 20
 #: Error codes by which a member of another swarm (or layout) refuses our Hello.
 _REFUSAL_CODES = ("wrong_key", "wrong_transport")
 _MAX_MISMATCHES = 256
+#: Peers (accepted or being checked) a node keeps at most; more are answered Error("busy"). Like
+#: BitTorrent's peer limit: in a swarm of thousands every member talks to a bounded, random subset, and
+#: pieces still reach everyone through the mesh. Bounds what insiders can make a node hold per peer
+#: (link, data channel, scheduler state).
+MAX_PEERS = 64
+#: Outgoing control links (DEALER sockets, connecting or established) at most.
+MAX_DIALS = 32
+#: Addresses remembered to dial at most; peer exchange may fill half, so that what mDNS and the static
+#: list find always has room. A peer-exchange address that never answered is forgotten.
+MAX_CANDIDATES = 256
+_MAX_PEX_CANDIDATES = MAX_CANDIDATES // 2
+_BUSY_BACKOFF_S = 10.0
+#: Control messages queued per connection before ZeroMQ stops reading it (TCP then pushes back).
+CONTROL_RCVHWM = 8
+#: A ZMTP handshake must finish within this; idle links are pinged by ZeroMQ itself every
+#: _HEARTBEAT_IVL_MS and dropped when nothing came back within the node's peer timeout.
+_HANDSHAKE_IVL_MS = 5000
+_HEARTBEAT_IVL_MS = 2000
+_MAX_BAD_IDENTS = 4096
+
+
+def control_frame_limit(manifest: Manifest) -> int:
+    """The largest control frame a node takes (ZeroMQ refuses a longer one before allocating it): room
+    for a manifest reply four times the size of this node's own (a peer's manifest with smaller pieces
+    or more tensors, still reported readably) plus 256 KiB for everything else, at most MAX_FRAME.
+    Derived from what this node holds, never from what a peer declares."""
+    reply = P.ManifestReply(manifest.to_wire(), ["0" * 32] * len(manifest.pieces))
+    try:
+        own = len(P.Codec(None).encode(reply))
+    except ProtocolError:
+        return P.MAX_FRAME
+    return min(P.MAX_FRAME, (256 << 10) + 4 * own)
+
+
+def _limit_control_socket(sock: zmq.Socket[bytes], frame_limit: int, peer_timeout_s: float) -> None:
+    """Bounds of every control socket (ROUTER and dials), set before it binds or connects: the memory a
+    connection can pin is at most (CONTROL_RCVHWM + 1) x frame_limit (queued plus one being read)."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, frame_limit)
+    sock.setsockopt(zmq.RCVHWM, CONTROL_RCVHWM)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(peer_timeout_s * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, int(peer_timeout_s * 1000))
 
 
 @dataclass(frozen=True)
@@ -286,6 +331,8 @@ class Node:
         self._dials: dict[zmq.Socket[bytes], _Dial] = {}
         self._dial_after: dict[tuple[str, int], float] = {}
         self._candidates: dict[tuple[str, int], str] = {}
+        self._pex_candidates: set[tuple[str, int]] = set()
+        self.frame_limit = control_frame_limit(self.manifest)
         self._seen_generation = self._seen_candidates = 0
         self._mismatches: dict[str, str] = {}
         self._bad_idents: dict[bytes, int] = {}
@@ -448,11 +495,8 @@ class Node:
         self.data_params = self.transport.open(bind)
         self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        router.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + 1024)
-        router.setsockopt(zmq.SNDHWM, 10000)
-        router.setsockopt(zmq.RCVHWM, 10000)
+        _limit_control_socket(router, self.frame_limit, self.config.peer_timeout_s)
         self._router = router  # closed by _teardown even when binding fails
         addr = f"[{bind}]" if ":" in bind else bind
         if ":" in bind:
@@ -589,6 +633,8 @@ class Node:
             try:
                 msg = self.codec.decode(frame, pieces)
             except ProtocolError as e:
+                if len(self._bad_idents) >= _MAX_BAD_IDENTS:
+                    self._bad_idents.clear()  # bounded; a client cut off long ago may talk again
                 self._bad_idents[ident] = self._bad_idents.get(ident, 0) + 1
                 self._router.send_multipart([ident, self.codec.encode(P.Error("protocol", str(e)[:500]))])
                 continue
@@ -631,6 +677,9 @@ class Node:
         if peer is None:
             if isinstance(msg, P.Ping):
                 self._reply(ident, dial, P.Ping())
+            elif isinstance(msg, P.Error) and dial is not None and msg.code == "busy":
+                self._close_dial(dial, backoff=True)
+                self._dial_after[(dial.host, dial.port)] = now + _BUSY_BACKOFF_S
             elif isinstance(msg, P.Error) and dial is not None and msg.code in _REFUSAL_CODES:
                 # A member of another swarm answered our Hello: remember why, for the fetch's error.
                 self._note_mismatch(f"{dial.host}:{dial.port}", msg.message)
@@ -727,6 +776,13 @@ class Node:
             self._reply(ident, dial, P.Error("wrong_transport", f"this node uses {self.transport.name}"))
             return
         peer = self._peers.get(msg.peer_id)
+        if peer is None and len(self._peers) >= MAX_PEERS:
+            if dial is not None:
+                self._close_dial(dial, backoff=True)
+                self._dial_after[(dial.host, dial.port)] = now + _BUSY_BACKOFF_S
+            else:
+                self._reply(ident, None, P.Error("busy", f"this node has {MAX_PEERS} peers; try others"))
+            return
         if peer is None:
             peer = _Peer(msg.peer_id, msg, last_seen=now)
             self._peers[msg.peer_id] = peer
@@ -738,6 +794,7 @@ class Node:
             if dial not in peer.dials:
                 peer.dials.append(dial)
             self._candidates[(dial.host, dial.port)] = msg.peer_id
+            self._pex_candidates.discard((dial.host, dial.port))
             hosts = [dial.host, *[h for h in hosts if h != dial.host]]
         if ident is not None:
             peer.idents.add(ident)
@@ -763,8 +820,12 @@ class Node:
                 and 0 < entry[2] < 65536
                 and entry[0] != self.id
                 and entry[0] not in self._peers
+                and (entry[1], entry[2]) not in self._candidates
+                and len(self._pex_candidates) < _MAX_PEX_CANDIDATES
+                and len(self._candidates) < MAX_CANDIDATES
             ):
-                self._candidates.setdefault((entry[1], entry[2]), "")
+                self._candidates[(entry[1], entry[2])] = ""
+                self._pex_candidates.add((entry[1], entry[2]))
 
     def _check_peer(self, peer: _Peer, now: float) -> None:
         """Accept the peer once its manifest (and, for a leecher, the checksums) are known to match."""
@@ -982,7 +1043,10 @@ class Node:
         peer.last_sent = now
         for dial in peer.dials:
             if dial.sock in self._dials:
-                dial.sock.send(frame, zmq.NOBLOCK)
+                try:
+                    dial.sock.send(frame, zmq.NOBLOCK)
+                except zmq.Again:
+                    log.warning("control queue to %s is full; dropping %s", peer.name, msg.TYPE)
                 return
         for ident in peer.idents:
             assert self._router is not None
@@ -1020,6 +1084,12 @@ class Node:
         for dial in list(self._dials.values()):
             if dial.peer is None and now - dial.started > self.config.peer_timeout_s:
                 self._close_dial(dial, backoff=True)
+                addr = (dial.host, dial.port)
+                if addr in self._pex_candidates:  # learnt from a peer and never answered: forget it
+                    self._pex_candidates.discard(addr)
+                    self._candidates.pop(addr, None)
+        if len(self._dial_after) > 4 * MAX_CANDIDATES:
+            self._dial_after = {a: t for a, t in self._dial_after.items() if t > now or a in self._candidates}
         for peer in list(self._peers.values()):
             if now - peer.last_seen > self.config.peer_timeout_s:
                 self._drop_peer(peer, f"silent for {self.config.peer_timeout_s:.0f} s", now)
@@ -1049,8 +1119,9 @@ class Node:
             if ad.instance_id == self.id or ad.instance_id in self._peers:
                 continue
             host = ad.host or discovery.pick_host(list(ad.addresses))
-            if host:
-                self._candidates.setdefault((host, ad.control_port), ad.instance_id)
+            addr = (host, ad.control_port)
+            if host and (addr in self._candidates or len(self._candidates) < MAX_CANDIDATES):
+                self._candidates.setdefault(addr, ad.instance_id)
 
     def _dial_candidates(self, now: float) -> None:
         assert self._ctx is not None
@@ -1066,10 +1137,10 @@ class Node:
                 continue
             if known_id == self.id or (addr[0] in self.addresses and addr[1] == self.control_port):
                 continue
+            if len(self._dials) >= MAX_DIALS or len(self._peers) >= MAX_PEERS:
+                return
             sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + 1024)
-            sock.setsockopt(zmq.SNDHWM, 10000)
+            _limit_control_socket(sock, self.frame_limit, self.config.peer_timeout_s)
             host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
             if ":" in addr[0]:
                 sock.setsockopt(zmq.IPV6, 1)
