@@ -171,6 +171,28 @@ def test_data_port_survives_running_out_of_fds(members: Members) -> None:
         _honest_fetch(port, io_timeout_s=3.0, discovery_timeout_s=8.0, stall_timeout_s=10.0, deadline_s=30.0)
 
 
+def test_idle_control_connections_do_not_lock_out_honest_peers(members: Members) -> None:
+    """300 ZeroMQ connections that finish the handshake and then say nothing, held against a seed whose
+    fd limit is 256 (today's main kept every one: fds ran out, libzmq spun, no new peer got in). An
+    honest fetch must complete while they are held, and the seed's fds stay within the limit's half."""
+    with _seed_process(members, nofile=256) as (pid, port):
+        ctx = zmq.Context()
+        socks = []
+        try:
+            for _ in range(300):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(f"tcp://{HOST}:{port}")
+                socks.append(s)
+            time.sleep(2.0)
+            _honest_fetch(port, discovery_timeout_s=8.0)
+            assert resources(pid).fds <= 128 + 64, resources(pid)
+        finally:
+            for s in socks:
+                s.close(0)
+            ctx.term()
+
+
 def _data_port_of(port: int) -> int:
     """The data port a seed announces in its Hello (what any insider learns)."""
     ctx = zmq.Context()
