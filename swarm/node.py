@@ -48,6 +48,7 @@ import torch
 import zmq
 
 from swarm import protocol as P
+from swarm.control_guard import ConnectionGuard
 from swarm.errors import (
     ConfigError,
     FetchError,
@@ -498,6 +499,7 @@ class Node:
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         _limit_control_socket(router, self.frame_limit, self.config.peer_timeout_s)
         self._router = router  # closed by _teardown even when binding fails
+        self._guard: ConnectionGuard | None = None
         addr = f"[{bind}]" if ":" in bind else bind
         if ":" in bind:
             router.setsockopt(zmq.IPV6, 1)
@@ -512,6 +514,7 @@ class Node:
                 f"cannot listen on {bind}:{self.config.control_port or 'a random port'}: {e}",
                 hint="choose another SWARM_PORT, or leave it unset for a random port",
             ) from e
+        self._guard = ConnectionGuard(router, self._ctx, self.control_port)
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
         if self.config.mdns:
@@ -583,6 +586,10 @@ class Node:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        own: list[zmq.Socket[bytes]] = [self._router]
+        if self._guard is not None:
+            poller.register(self._guard.socket, zmq.POLLIN)
+            own.append(self._guard.socket)
         next_housekeeping = 0.0
         try:
             while not self._stop.is_set():
@@ -593,13 +600,16 @@ class Node:
                 now = time.monotonic()
                 if self._wake_r in ready:
                     _drain(self._wake_r)
+                if self._guard is not None and self._guard.socket in ready:
+                    self._guard.read_events(now, self._is_member)
                 if self._router in ready:
                     self._read_router(now)
                 for sock in list(self._dials):
                     if sock in ready:
                         self._read_dial(self._dials[sock], now)
                 for sock in list(_registered(poller)):
-                    if isinstance(sock, zmq.Socket) and sock is not self._router and sock not in self._dials:
+                    closed_dial = sock not in self._dials and not any(sock is o for o in own)
+                    if isinstance(sock, zmq.Socket) and closed_dial:
                         poller.unregister(sock)
                 self._drain_events(now)
                 self._apply(self.scheduler.tick(now), now)
@@ -620,12 +630,13 @@ class Node:
         assert self._router is not None
         for _ in range(1000):
             try:
-                parts = self._router.recv_multipart(zmq.NOBLOCK)
+                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(parts) != 2:
                 continue
-            ident, frame = parts
+            ident, frame = parts[0].bytes, parts[1].bytes
+            fd = parts[1].get(zmq.SRCFD)
             if self._bad_idents.get(ident, 0) >= _MAX_PROTOCOL_ERRORS:
                 continue
             peer_id = self._by_ident.get(ident)
@@ -638,6 +649,8 @@ class Node:
                 self._bad_idents[ident] = self._bad_idents.get(ident, 0) + 1
                 self._router.send_multipart([ident, self.codec.encode(P.Error("protocol", str(e)[:500]))])
                 continue
+            if self._guard is not None:
+                self._guard.seen(fd, ident, now)
             self._handle(msg, now, ident=ident, peer_id=peer_id)
 
     def _read_dial(self, dial: _Dial, now: float) -> None:
@@ -1095,9 +1108,15 @@ class Node:
                 self._drop_peer(peer, f"silent for {self.config.peer_timeout_s:.0f} s", now)
             elif now - peer.last_sent > self.config.peer_timeout_s / 3:
                 self._send(peer, P.Ping(), now)
+        if self._guard is not None:
+            self._guard.sweep(now, self._is_member)
         self._sample_rates(now)
         if self._fetching and not self.complete:
             self._check_fetch(now)
+
+    def _is_member(self, ident: bytes) -> bool:
+        """A ROUTER identity that belongs to a peer this node keeps (its connection is not a stranger's)."""
+        return ident in self._by_ident
 
     def _dial_news(self, now: float) -> None:
         """Dial peers found since the last look (mDNS or peer exchange) now, not at the next housekeeping."""
@@ -1267,6 +1286,8 @@ class Node:
         for dial in list(self._dials.values()):
             dial.sock.close(0)
         self._dials.clear()
+        if self._guard is not None:
+            self._guard.close()
         if self._router is not None:
             self._router.close(0)
         if self._ctx is not None:
