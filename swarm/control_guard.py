@@ -9,9 +9,10 @@ until the process runs out (then libzmq's accept spins and no new peer gets in).
   message's source fd, ZMQ_SRCFD) and its ROUTER identity; a connection is *trusted* while that
   identity belongs to a peer the node keeps (`is_member`), so trust ends when the peer is dropped;
 - ends (shutdown(2) on the fd, which libzmq then sees as a hang-up and cleans up itself) every
-  untrusted connection silent for STRANGER_IDLE_S, and, once more than MAX_CONNECTIONS are open, the
-  untrusted one silent the longest, at once. Honest peers send Hello as their first frame, so they are
-  trusted within a round trip; `swarm status` connects, asks and leaves.
+  untrusted connection silent for STRANGER_IDLE_S, and, once more than `connection_cap()` are open
+  (MAX_CONNECTIONS, fewer where the fd limit is low), the untrusted one silent the longest, at once.
+  Honest peers send Hello as their first frame, so they are trusted within a round trip; `swarm
+  status` connects, asks and leaves.
 
 Limits, stated: a message read just as its connection closed and its fd number was reused by a new
 connection can mark the new one (the monitor and the ROUTER are two queues); the shutdown is done only
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +38,19 @@ from zmq.utils.monitor import parse_monitor_message
 log = logging.getLogger("swarm.control_guard")
 
 #: Open control connections at most (inbound), trusted ones included: MAX_PEERS (64) peers may dial in,
-#: the rest is room for status queries and newcomers being checked.
+#: the rest is room for status queries and newcomers being checked. Lower where the process may open
+#: few files (a third of what is left after 64 for everything else), so that strangers reconnecting as
+#: fast as they are ended never run the process out of fds.
 MAX_CONNECTIONS = 128
+
+
+def connection_cap() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, (soft - 64) // 3))
+
+
 #: An untrusted connection (no authenticated message from a known peer) is ended after this long silent.
 STRANGER_IDLE_S = 5.0
 
@@ -57,6 +70,7 @@ class ConnectionGuard:
     ) -> None:
         self.local_port = local_port
         self.conns: dict[int, _Conn] = {}
+        self.cap = connection_cap()
         self.ended = 0
         addr = f"inproc://swarm-guard-{id(self):x}"
         router.monitor(addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -79,10 +93,10 @@ class ConnectionGuard:
                 self.conns[fd] = _Conn(fd, now, now, _peer_of(fd, self.local_port))
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.conns.pop(fd, None)
-        if len(self.conns) > MAX_CONNECTIONS:
+        if len(self.conns) > self.cap:
             strangers = [c for c in self.conns.values() if not is_member(c.ident)]
             strangers.sort(key=lambda c: c.last)
-            for c in strangers[: len(self.conns) - MAX_CONNECTIONS]:
+            for c in strangers[: len(self.conns) - self.cap]:
                 self._end(c, "too many control connections")
 
     def seen(self, fd: int, ident: bytes, now: float) -> None:
