@@ -15,6 +15,12 @@ checksum there, and only then copies the piece into the tensors (one memcpy, ~10
 link), so a bad or duplicated piece never touches verified memory. Tensors on a GPU are staged through
 host memory (this transport is for host memory; use the NCCL transport between GPUs).
 
+Hostile clients (before they authenticate, nothing is theirs but a socket): handshakes run in the accept
+thread, non-blocking, at most MAX_HANDSHAKES at once (a new one pushes out the oldest), each cut
+`connect_timeout_s` after its accept however slowly it trickles; at most MAX_CHANNELS channels are
+served; receive buffers come from one pool of MAX_STAGING piece-sized buffers per node; running out of
+fds or memory pauses accepting instead of ending it.
+
 Limits: one stream per pair, so a pair's pieces move one after another (pipelining keeps the stream
 busy); every socket operation is bounded by `io_timeout_s`, after which the channel is dropped and the
 peer reported closed. `rate_cap` (bytes/s per node, shared by all uploads) limits how much a serving
@@ -460,7 +466,7 @@ class TcpTransport(Transport):
             old = self._senders.pop(peer, None)
             self._senders[peer] = _Sender(self, peer, conn)
         if old is not None:
-            old.close(1.0)
+            old.close(0.0)  # not joined: this is the accept thread; the old sender ends by itself
 
     def _mac(self, nonce: bytes, peer: str) -> bytes:
         assert self._key is not None
