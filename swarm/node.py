@@ -9,7 +9,10 @@ Links: a node that misses pieces dials every peer of its swarm it learns of (mDN
 SWARM_PEERS, or the peer lists that peers share in their Hello, unless `pex` is off) with a DEALER. Either
 end of a link may request pieces over it: a ROUTER answers to the DEALER's identity, and data channels are
 always dialed by the receiving side to the sending side's data port (the addresses travel in Hello), so one
-link per pair suffices and duplicates are harmless. Seeds never dial.
+link per pair suffices and duplicates are harmless. Seeds never dial. Bounded whatever peers send: at
+most MAX_PEERS peers (more get Error("busy")), MAX_DIALS dials and MAX_CANDIDATES addresses to dial;
+control sockets take frames up to `control_frame_limit` (from this node's own manifest) and queue
+CONTROL_RCVHWM per connection; swarm.control_guard ends strangers' idle connections.
 
 Handshake on a link: both sides send Hello (swarm key, manifest digest, content digest, data-plane
 parameters). A different swarm key is refused with an `Error("wrong_key")`; a different manifest is
