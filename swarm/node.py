@@ -1166,7 +1166,14 @@ class Node:
             host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
             if ":" in addr[0]:
                 sock.setsockopt(zmq.IPV6, 1)
-            sock.connect(f"tcp://{host}:{addr[1]}")
+            try:
+                sock.connect(f"tcp://{host}:{addr[1]}")
+            except zmq.ZMQError as e:  # an address a peer made up (" ", "[") : never dial it again
+                sock.close(0)
+                log.debug("not dialling %s:%d: %s", addr[0], addr[1], e)
+                self._candidates.pop(addr, None)
+                self._pex_candidates.discard(addr)
+                continue
             dial = _Dial(addr[0], addr[1], sock, now)
             self._dials[sock] = dial
             sock.send(self.codec.encode(self._hello()), zmq.NOBLOCK)

@@ -6,11 +6,26 @@ exhaust.py (bench/faults.py reports the same ones); each test failed on the code
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import pytest
+import zmq
 
 import swarm.node
+from swarm import protocol as P
 from tests.faults import exhaust as X
-from tests.faults.harness import FetchRun, Members, closing, leecher_node, peers_of, seed_node, wrong_bytes
+from tests.faults.harness import (
+    HOST,
+    FetchRun,
+    Members,
+    alive,
+    closing,
+    leecher_node,
+    peers_of,
+    seed_node,
+    wrong_bytes,
+)
 from tests.loopback import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -86,3 +101,22 @@ def test_a_swarm_larger_than_the_peer_cap_still_completes(monkeypatch: pytest.Mo
         assert [r.error for r in runs] == [None] * len(runs)
         assert all(wrong_bytes(dict(n.tensors)) == 0 for n in nodes[1:])
         assert max(len(n._peers) for n in nodes) <= 3
+
+
+def test_peer_exchange_with_an_unusable_address_does_not_kill_the_loop() -> None:
+    """Found by the insider fuzz (test_hostile.py): a Hello listing a peer at host " " made ZeroMQ's
+    connect raise in the control loop, which died. Such an address is now dropped."""
+    with closing(leecher_node(token=X.TOKEN)) as (n,):
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        try:
+            s.connect(f"tcp://{HOST}:{n.control_port}")
+            hello = dataclasses.replace(n._hello(), peer_id="fz", data={"peers": [["a", " ", 2]]})
+            s.send(P.Codec(X.TOKEN).encode(hello))
+            time.sleep(1.0)  # the loop dials within its next tick
+            assert alive(n, X.TOKEN), "the leecher's control loop died"
+            assert (" ", 2) not in n._candidates
+        finally:
+            s.close(0)
+            ctx.term()
