@@ -5,7 +5,9 @@
 
 Every scenario runs on loopback (127.0.0.1) with a synthetic 8 MB model in 256 KiB pieces; the link
 scenarios run on a namespaced LAN (tests/lan/netns.py) when this host can build one, and are listed as
-skipped otherwise. Definitions (docs/reliability.md):
+skipped otherwise. The resource-exhaustion attacks come from tests/faults/exhaust.py (their note gives the
+victim's peak figures against the bounds); "loss 2% + delay 20 ms" runs through the user-space relay of
+tests/faults/relay.py (no netem needed). Definitions (docs/reliability.md):
 
 - survived: the run ended as specified: the fetch completed byte-identical where an honest holder
   remained, or raised StallError within its deadline where none did; for the seed-side scenarios, the
