@@ -38,7 +38,9 @@ def expected(same_host: bool, ga: str, gb: str, na: bool, nb: bool) -> str:
 
 CASES = [
     (same_host, ga, gb, na, nb)
-    for same_host, ga, gb, na, nb in itertools.product((True, False), GPUS, GPUS, (True, False), (True, False))
+    for same_host, ga, gb, na, nb in itertools.product(
+        (True, False), GPUS, GPUS, (True, False), (True, False)
+    )
     if same_host or (ga != gb or not ga)  # a GPU UUID names one GPU of one host
 ]
 
