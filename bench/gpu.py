@@ -1486,7 +1486,17 @@ def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
         m.event(0, "ready", 300)
         for r in range(1, k + 1):
             peers = [j for j in range(k + 1) if j != r]
-            m.start({**base, "rank": r, "role": "leecher", "peers": peers, "wait_go": True, "check": False})
+            m.start(
+                {
+                    **base,
+                    "rank": r,
+                    "role": "leecher",
+                    "peers": peers,
+                    "wait_go": True,
+                    "check": False,
+                    "progress": False,
+                }
+            )
         for r in range(1, k + 1):
             m.event(r, "waiting", 300)
         if matmul_s:
@@ -1504,6 +1514,18 @@ def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
                 "leechers": k,
                 "bytes": nbytes,
                 "e2e_s": max(x["end"] - x["start"] for x in rows),
+                # where the end-to-end time goes, per leecher (seconds from its node's construction)
+                "breakdown": [
+                    {
+                        "made": x["made"] - x["start"],
+                        "started": x["started"] - x["start"],
+                        "mapped": x["stats"]["ipc"].get("imported_t", 0) - x["start"],
+                        "first_copy": x["stats"]["ipc"]["first_copy_t"] - x["start"],
+                        "last_verified": x["stats"]["ipc"]["last_verified_t"] - x["start"],
+                        "end": x["end"] - x["start"],
+                    }
+                    for x in rows
+                ],
                 "transfer_s": last - first,
                 "transfer_s_each": [
                     x["stats"]["ipc"]["last_verified_t"] - x["stats"]["ipc"]["first_copy_t"] for x in rows

@@ -165,9 +165,13 @@ class NodeConfig:
         """The scheduler settings: explicit ones, else those for GPU links when pieces move GPU to GPU,
         else the defaults."""
         if self.scheduler is None and self.gpu_to_gpu(on_gpu):
-            from swarm.transport.nccl import recommended_scheduler
+            if self.transport == "nccl":
+                from swarm.transport.nccl import recommended_scheduler
 
-            return recommended_scheduler()  # type: ignore[no-any-return]
+                return recommended_scheduler()  # type: ignore[no-any-return]
+            from swarm.transport import ipc  # one host first: CUDA IPC's deeper pipelines
+
+            return ipc.recommended_scheduler()  # type: ignore[no-any-return]
         return self.scheduler
 
     @classmethod

@@ -91,8 +91,19 @@ def fused_checksum_async(views: Sequence[torch.Tensor]) -> torch.Tensor:
     return (partials[0] if len(partials) == 1 else torch.cat(partials)).sum(dim=0)
 
 
+_works: dict[str, bool] = {}
+
+
 def fused_checksum_works(device: torch.device) -> bool:
-    """True when `fused_checksum_async` runs here and agrees with swarm.manifest on random bytes."""
+    """True when `fused_checksum_async` runs here and agrees with swarm.manifest on random bytes (checked
+    once per device and process: several transports of one node ask)."""
+    key = str(device)
+    if key not in _works:
+        _works[key] = _check(device)
+    return _works[key]
+
+
+def _check(device: torch.device) -> bool:
     try:
         g = torch.Generator(device=device)
         g.manual_seed(12345)

@@ -47,11 +47,13 @@ Limits:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +71,24 @@ log = logging.getLogger("swarm.transport.ipc")
 #: Streams the reader spreads its copies over (copy engines run several copies at once).
 STREAMS = 4
 _MAX_REGIONS = 1 << 16
+
+
+def recommended_scheduler() -> Any:
+    """swarm.scheduler settings for members whose pieces move GPU to GPU on one host: a piece of 256 MiB
+    is copied and verified in ~0.2 ms (bench/gpu.py `ipc`), less than the node's control work for it,
+    so each peer gets a deep pipeline of requests (they cost the peer nothing: it is never asked)."""
+    from swarm.scheduler import SchedulerConfig
+
+    return SchedulerConfig(
+        max_uploads=16,
+        seed_max_uploads=16,
+        max_upload_queue=64,
+        seed_max_upload_queue=64,
+        min_pipeline=8,
+        max_pipeline=32,
+        max_requests=96,
+        pipeline_window_s=0.004,
+    )
 
 
 @dataclass(eq=False)
@@ -116,6 +136,23 @@ class _Driver:
             raise TransportError(f"cuMemGetAddressRange failed ({rc}) on an imported CUDA IPC mapping")
         return int(base.value), int(size.value)
 
+    @classmethod
+    def check_mapped(cls, ptr: int, size: int) -> None:
+        """Raise unless [ptr, ptr + size) is mapped memory. A legacy cudaIpc mapping is one allocation;
+        an expandable segment is mapped in chunks (20 MiB each, measured), walked one by one."""
+        end, at = ptr + size, ptr
+        for _ in range(size // (2 << 20) + 2):
+            if at >= end:
+                return
+            base, length = cls.address_range(at)
+            if length <= 0 or base + length <= at:
+                break
+            at = base + length
+        if at < end:
+            raise TransportError(
+                f"a peer claims {size} bytes of GPU memory of which only {at - ptr} are mapped"
+            )
+
 
 class IpcTransport(Transport):
     """Pieces read one-sided out of a same-host peer's GPU memory (see the module docstring)."""
@@ -158,7 +195,9 @@ class IpcTransport(Transport):
         self._export_lock = threading.Lock()
         # Engine-thread state.
         self._remotes: dict[str, _Remote] = {}
-        self._flight: list[_Copy] = []
+        #: copies in flight, per stream in issue order (a stream completes them in that order, so only
+        #: each head is polled)
+        self._flight: list[deque[_Copy]] = []
         self._copying: dict[int, _Copy] = {}
         self._waiters: dict[int, list[str]] = {}  # piece -> peers whose request waits for its copy
         self._have: set[int] = set()
@@ -199,6 +238,7 @@ class IpcTransport(Transport):
             if self.fast_checksum and fused_checksum_works(dev):
                 self._checksum = fused_checksum_async
             self._streams = [torch.cuda.Stream(dev) for _ in range(self.n_streams)]  # type: ignore[no-untyped-call]
+            self._flight = [deque() for _ in self._streams]
             torch.cuda.synchronize(dev)
 
     def open(self, host: str) -> dict[str, Any]:
@@ -208,6 +248,9 @@ class IpcTransport(Transport):
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="swarm-ipc", daemon=True)
             self._thread.start()
+        # Export now, off the path of the first reader (a failure is kept and told to each reader).
+        with contextlib.suppress(TransportError):
+            self._export_once()
         return {}
 
     def _export_once(self) -> dict[str, Any]:
@@ -297,10 +340,10 @@ class IpcTransport(Transport):
                 log.warning("CUDA IPC transport engine did not stop within 10 s")
         self._thread = None
         deadline = time.monotonic() + max(1.0, min(self.op_timeout, 30.0))
-        for copy in list(self._flight):  # mappings are released only once their copies are done
-            while not copy.done.query() and time.monotonic() < deadline:  # type: ignore[no-untyped-call]
+        for flight in self._flight:  # mappings are released only once their copies are done
+            while flight and not flight[-1].done.query() and time.monotonic() < deadline:  # type: ignore[no-untyped-call]
                 time.sleep(0.001)
-        self._flight.clear()
+            flight.clear()
         self._remotes.clear()
 
     def is_ready(self, peer: str) -> bool:
@@ -333,7 +376,7 @@ class IpcTransport(Transport):
         assert self.device is not None
         torch.cuda.set_device(self.device)
         while not self._stop.is_set():
-            busy = bool(self._flight) or any(r.state == "opening" for r in self._remotes.values())
+            busy = any(self._flight) or any(r.state == "opening" for r in self._remotes.values())
             try:
                 cmd: Callable[[], None] | None = self._commands.get(timeout=0.0002 if busy else 0.05)
             except queue.Empty:
@@ -371,6 +414,7 @@ class IpcTransport(Transport):
             return
         r.state = "ready"
         self._stats["imports"] += 1
+        self._stats["imported_t"] = self._stats.get("imported_t") or time.time()
         pending, r.pending = r.pending, []
         for piece in pending:
             self._expect(peer, piece)
@@ -395,12 +439,7 @@ class IpcTransport(Transport):
             storage = torch.UntypedStorage._new_shared_cuda(  # type: ignore[attr-defined]
                 self.device.index, handle, size, offset, ref, ref_offset, ev, bool(ev_sync)
             )
-            ptr = storage.data_ptr()
-            base, length = _Driver.address_range(ptr)
-            if ptr + size > base + length:
-                raise TransportError(
-                    f"peer claims {size} bytes at offset {ptr - base} of an allocation of {length} bytes"
-                )
+            _Driver.check_mapped(storage.data_ptr(), size)
             flat = torch.empty(0, dtype=torch.uint8, device=self.device)
             flat.set_(storage, 0, (size,))  # type: ignore[call-overload]
             storages.append(flat)
@@ -449,8 +488,9 @@ class IpcTransport(Transport):
 
     def _issue(self, peer: str, r: _Remote, piece: int) -> None:
         assert self.manifest is not None
-        stream = self._streams[self._next_stream]
-        self._next_stream = (self._next_stream + 1) % len(self._streams)
+        index = self._next_stream
+        stream = self._streams[index]
+        self._next_stream = (index + 1) % len(self._streams)
         dst = self.manifest.piece_views(self.views, piece)
         src = self.manifest.piece_views(r.views, piece)
         torch.cuda.set_stream(stream)  # cheaper than a `with torch.cuda.stream()` block per piece
@@ -464,7 +504,7 @@ class IpcTransport(Transport):
         copy = _Copy(piece, peer, stream, done, sums, now, src)
         if not self._stats["first_copy_t"]:
             self._stats["first_copy_t"] = time.time()
-        self._flight.append(copy)
+        self._flight[index].append(copy)
         self._copying[piece] = copy
 
     def _unexpect(self, peer: str, piece: int) -> None:
@@ -482,21 +522,21 @@ class IpcTransport(Transport):
                 waiters.remove(peer)
 
     def _reap(self, now: float) -> None:
-        if not self._flight and not self._remotes:
+        if not self._remotes and not any(self._flight):
             return
         for r_peer, r in list(self._remotes.items()):
             if r.state == "opening" and now - r.opened_at > self.open_timeout:
                 self._set_up_failed(r_peer, r, f"no CUDA IPC export within {self.open_timeout:.0f} s")
-        keep = []
-        for copy in self._flight:
-            if not copy.done.query():  # type: ignore[no-untyped-call]
-                if not copy.late and now - copy.issued > self.op_timeout:
-                    copy.late = True
-                    self._emit("closed", copy.peer, f"a CUDA IPC copy took over {self.op_timeout:.0f} s")
-                keep.append(copy)
-                continue
-            self._verified(copy)
-        self._flight = keep
+        for flight in self._flight:
+            while flight:
+                copy = flight[0]
+                if not copy.done.query():  # type: ignore[no-untyped-call]
+                    if not copy.late and now - copy.issued > self.op_timeout:
+                        copy.late = True
+                        self._emit("closed", copy.peer, f"a CUDA IPC copy took over {self.op_timeout:.0f} s")
+                    break
+                flight.popleft()
+                self._verified(copy)
 
     def _verified(self, copy: _Copy) -> None:
         assert self.manifest is not None

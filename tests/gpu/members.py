@@ -92,6 +92,7 @@ def member_main(opts: dict[str, Any], results: Any, commands: Any) -> None:
         node = Node(
             key, tensors, cfg, complete=opts["role"] == "seed", manifest=manifest, transport=transport
         )
+        t_made = time.time()
         if opts.get("corrupt_piece") is not None:
             # The checksums were taken from the true bytes: now the member holds wrong bytes of one piece
             # (-1: of every piece).
@@ -101,6 +102,7 @@ def member_main(opts: dict[str, Any], results: Any, commands: Any) -> None:
                     v.bitwise_not_()
             torch.cuda.synchronize()
         node.start()
+        t_started = time.time()
         results.put(
             {"rank": rank, "event": "ready", "id": node.id, "t": time.time(), "pieces": len(manifest.pieces)}
         )
@@ -112,13 +114,15 @@ def member_main(opts: dict[str, Any], results: Any, commands: Any) -> None:
                 held[0] += 1
                 results.put({"rank": rank, "event": "progress", "done": done, "total": total})
 
-            report = node.fetch(progress)
+            report = node.fetch(progress if opts.get("progress", True) else None)
             t2 = time.time()
             record: dict[str, Any] = {
                 "rank": rank,
                 "event": "done",
                 "start": t0,
                 "fetch": t1,
+                "made": t_made,
+                "started": t_started,
                 "end": t2,
                 "bytes": manifest.total_bytes,
                 "from": {k: v for k, v in report.bytes_by_peer.items()},
