@@ -1434,7 +1434,7 @@ def ipc_primitive_main(opts: dict[str, Any], results: Any, commands: Any) -> Non
         results.put({"rank": rank, "event": "error", "error": traceback.format_exc()})
 
 
-def _ipc_primitive(args: Any, ks: list[int]) -> list[dict[str, Any]]:
+def _ipc_primitive(args: Any, ks: list[int], piece_mib: int) -> list[dict[str, Any]]:
     from tests.gpu.members import Members
 
     readers = max(ks)
@@ -1442,7 +1442,7 @@ def _ipc_primitive(args: Any, ks: list[int]) -> list[dict[str, Any]]:
     out = []
     try:
         for r in range(readers + 1):
-            m.start({"rank": r, "piece_mib": args.ipc_piece_mib}, target=ipc_primitive_main)
+            m.start({"rank": r, "piece_mib": piece_mib}, target=ipc_primitive_main)
         export = m.event(0, "export", 300)
         for r in range(1, readers + 1):
             m.tell(r, {"export": export["export"], "checksums": export["checksums"]})  # type: ignore[arg-type]
@@ -1466,7 +1466,7 @@ def _ipc_primitive(args: Any, ks: list[int]) -> list[dict[str, Any]]:
                     "open_s": max(opened[:k]),
                     "rounds_s": [round(x[0], 5) for x in rounds],
                     "verified": all(x["verified"] for x in rows),
-                    "piece_mib": args.ipc_piece_mib,
+                    "piece_mib": piece_mib,
                 }
             )
     finally:
@@ -1474,12 +1474,16 @@ def _ipc_primitive(args: Any, ks: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
+def _ipc_swarm(
+    args: Any, k: int, piece_mib: int, *, matmul_s: float = 0.0, warm: bool = True
+) -> list[dict[str, Any]]:
+    """Seed + k leecher processes; `warm`: each leecher builds the fused checksum kernel (Triton) before
+    its node starts, as a process that already ran one would (else the first node start pays it)."""
     from tests.gpu.members import Members
 
     m = Members()
     ports = [free_port() for _ in range(k + 1)]
-    base = {"ports": ports, "model": "llama8b", "seed": 77, "piece_mib": args.ipc_piece_mib}
+    base = {"ports": ports, "model": "llama8b", "seed": 77, "piece_mib": piece_mib, "warm_checksum": warm}
     out: list[dict[str, Any]] = []
     try:
         m.start({**base, "rank": 0, "role": "seed", "peers": [], "matmul_s": matmul_s})
@@ -1510,7 +1514,7 @@ def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
         nbytes = rows[0]["bytes"]
         out.append(
             {
-                "case": "ipc_swarm",
+                "case": "ipc_swarm" if warm else "ipc_swarm_cold",
                 "leechers": k,
                 "bytes": nbytes,
                 "e2e_s": max(x["end"] - x["start"] for x in rows),
@@ -1533,7 +1537,7 @@ def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
                 "ipc_bytes": [x["stats"]["ipc"]["bytes_received"] for x in rows],
                 "paths": [sorted(set(x["stats"]["status_paths"].values())) for x in rows],
                 "peers_used": [len(x["from"]) for x in rows],
-                "piece_mib": args.ipc_piece_mib,
+                "piece_mib": piece_mib,
             }
         )
         if matmul_s:
@@ -1541,6 +1545,7 @@ def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
                 m.tell(r, "stop")
             samples = m.event(0, "matmul", 120)["samples"]
             alone = [ms for t, ms in samples if go - 1.8 <= t < go]
+            after = [ms for t, ms in samples if last + 0.3 <= t < last + 2.0]
             during = [ms for t, ms in samples if first <= t <= last + ms / 1e3]
             med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
             out.append(
@@ -1550,10 +1555,12 @@ def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
                     "alone_ms": med(alone),
                     "during_ms": med(during),
                     "during_mean_ms": sum(during) / len(during) if during else float("nan"),
+                    "after_ms": med(after),
                     "slowdown": (med(during) / med(alone)) if alone and during else float("nan"),
                     "samples_alone": len(alone),
                     "samples_during": len(during),
                     "window_s": last - first,
+                    "piece_mib": piece_mib,
                 }
             )
     finally:
@@ -1564,16 +1571,20 @@ def _ipc_swarm(args: Any, k: int, matmul_s: float) -> list[dict[str, Any]]:
 def run_ipc(args: Any) -> list[dict[str, Any]]:
     """The `ipc` case (see the module docstring), with ratios of the swarm to the primitive."""
     ks = args.ipc_leechers
-    records = _ipc_primitive(args, ks)
-    for k in ks:
-        records += _ipc_swarm(args, k, matmul_s=0.0)
-    records += _ipc_swarm(args, max(ks), matmul_s=120.0)
-    prim = {r["leechers"]: r for r in records if r["case"] == "ipc_primitive"}
+    records: list[dict[str, Any]] = []
+    for mib in args.ipc_piece_mib:
+        records += _ipc_primitive(args, ks, mib)
+        for k in ks:
+            records += _ipc_swarm(args, k, mib)
+    records += _ipc_swarm(args, min(ks), args.ipc_piece_mib[0], warm=False)
+    records += _ipc_swarm(args, max(ks), args.ipc_piece_mib[0], matmul_s=120.0)
+    prim = {(r["leechers"], r["piece_mib"]): r for r in records if r["case"] == "ipc_primitive"}
     for r in records:
-        if r["case"] == "ipc_swarm" and r["leechers"] in prim:
-            p = prim[r["leechers"]]
+        p = prim.get((r["leechers"], r.get("piece_mib")))
+        if r["case"].startswith("ipc_swarm") and p is not None:
             r["transfer_vs_primitive"] = r["transfer_s"] / p["transfer_s"]
-            r["e2e_vs_primitive"] = r["e2e_s"] / p["transfer_s"]
+            r["slowest_leecher_vs_primitive"] = max(r["transfer_s_each"]) / p["transfer_s"]
+            r["e2e_vs_primitive"] = r["e2e_s"] / p["e2e_s"]
             r["GBps_per_leecher"] = r["bytes"] / r["transfer_s"] / 1e9
     device = torch.cuda.get_device_name(0)
     for r in records:
@@ -1663,7 +1674,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--control-sched", default="default", help="control: scheduler: default, nvlink, or both")
     ap.add_argument("--swarm-piece-mib", default="64,256", help="swarm cases: piece sizes to try (MiB)")
-    ap.add_argument("--ipc-piece-mib", type=int, default=256, help="ipc: piece size (MiB)")
+    ap.add_argument(
+        "--ipc-piece-mib", default="256,1024", help="ipc: piece sizes (MiB); the first is the default"
+    )
     ap.add_argument("--ipc-rounds", type=int, default=3, help="ipc: rounds of the primitive (best kept)")
     ap.add_argument("--ipc-leechers", default="1,3", help="ipc: leecher counts")
     ap.add_argument("--timeout", type=float, default=540.0)
@@ -1676,6 +1689,7 @@ def main(argv: list[str] | None = None) -> int:
     args.sched = ["default", "nvlink"] if args.sched == "both" else [args.sched]
     args.swarm_piece_mib = [int(x) for x in str(args.swarm_piece_mib).split(",") if x]
     args.ipc_leechers = [int(x) for x in str(args.ipc_leechers).split(",") if x]
+    args.ipc_piece_mib = [int(x) for x in str(args.ipc_piece_mib).split(",") if x]
     unknown = set(args.cases) - set(ALL_CASES)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(ALL_CASES)}")

@@ -80,6 +80,10 @@ def member_main(opts: dict[str, Any], results: Any, commands: Any) -> None:
         )
         key = SwarmKey(model_id=f"ipc-test-{opts.get('model', 'small')}", dtype="bfloat16", engine="test")
         transport = _transport(opts, cfg)
+        if opts.get("warm_checksum") and device.type == "cuda":
+            from swarm.transport.gpu_checksum import fused_checksum_works
+
+            fused_checksum_works(device)
         if opts.get("matmul_s"):
             import threading
 
