@@ -3,15 +3,18 @@
 For members on one host whose pieces live in GPU memory (the same GPU, or GPUs that reach each other by
 peer access; swarm.transport.paths chooses). Shape:
 
-- Export, once per serving member: on the first `Channel(op="open")` from a peer, every CUDA storage
-  that holds this member's tensors is shared with PyTorch's own CUDA IPC sharing
-  (`UntypedStorage._share_cuda_`, what torch.multiprocessing sends between processes), and the handles,
-  with each tensor's (storage, offset), go back in one `Channel(op="export")`. The weights are never
-  copied into a second buffer. Later peers get the same export.
-- Import, once per pair: the reader opens every storage (`UntypedStorage._new_shared_cuda`) on its own
-  device, checks that each claimed storage lies inside the allocation the driver really mapped
-  (cuMemGetAddressRange: a peer that claims more bytes than it exported would otherwise make a copy read
-  out of bounds and kill the reader's CUDA context), and that each tensor lies inside its storage.
+- Export, once per member, when the transport opens (node start, off any reader's path): every CUDA
+  storage that holds this member's tensors is shared with PyTorch's own CUDA IPC sharing
+  (`UntypedStorage._share_cuda_`, what torch.multiprocessing sends between processes); the handles,
+  with each tensor's (storage, offset), go in one `Channel(op="export")` to each peer that asks with
+  `Channel(op="open")`. The weights are never copied into a second buffer.
+- Import, once per pair, when a first piece is wanted from the peer (so the holder of the pieces wanted
+  first, the seed, is mapped first, and a peer never read from is never mapped): the reader asks for the
+  export, opens every storage (`UntypedStorage._new_shared_cuda`) on its own device on a thread of its
+  own (the engine keeps issuing copies from other peers meanwhile), checks with the driver that every
+  claimed byte is mapped (cuMemGetAddressRange: a peer that claims more bytes than it exported would
+  otherwise make a copy read out of bounds and kill the reader's CUDA context) and that each tensor
+  lies inside its storage.
 - Pieces: `expect(peer, p)` (a request of the scheduler) is the whole transfer. The engine thread
   enqueues the copies of the piece's spans from the peer's memory into this member's tensors with
   `copy_(non_blocking=True)` on one of its own streams (a device-to-device cudaMemcpyAsync: the copy
@@ -23,20 +26,25 @@ peer access; swarm.transport.paths chooses). Shape:
   a second request for a piece whose copy is under way waits for that copy (endgame duplicates cost
   nothing), and is copied itself only if the first one fails.
 
-Why this export, measured on an H200 (one GPU, torch 2.11; bench/gpu-notes.md and docs/benchmarks.md):
-a reader process that had mapped an exporter's memory through torch's sharing of legacy cudaIpc handles
-(memory from PyTorch's caching allocator) and had 50 copies of its 4 GB queued, with the exporter
-SIGKILLed meanwhile: the copies completed, the bytes were still equal 1 s later, and a kernel ran
-afterwards: the mapping keeps the physical memory alive, and the reader's CUDA context is unharmed.
-tests/gpu/test_ipc.py repeats this through the transport (the seed killed while leechers copy). The same
-sharing of expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) and the CUDA VMM API
-with file-descriptor handles were not measured here; see bench/ipc_export.py for the experiment.
+Why this export. Measured on an H200 (one GPU, torch 2.11, driver 580; bench/ipc_export.py, results in
+bench/results/ipc-export-nvidia-h200.json): a reader mapped a 4 GiB buffer through PyTorch's sharing,
+queued 50 copies of it (~100 ms of copying) and the exporter was SIGKILLed 1 ms later. For memory from
+the caching allocator (legacy cudaIpc handles) and for expandable segments (PyTorch shares their cuMem
+handles as file descriptors) alike: every copy completed, the copied bytes were equal, the mapping
+still held the same bytes 1 s later, and a kernel ran afterwards. The mapping keeps the physical
+memory alive and the reader's CUDA context is unharmed, and no copy of the weights is made, so this
+sharing is used for both. The one difference seen: an expandable segment is mapped in 20 MiB chunks
+(cuMemGetAddressRange answers per chunk), so the bounds check walks the chunks. tests/gpu/test_ipc.py
+repeats the kill through the transport (the seed killed while a leecher copies from it). The CUDA VMM
+API driven directly (file-descriptor handles without PyTorch) was not tried: nothing measured argued
+for it.
 
 Limits:
 - A mapping keeps the exporter's whole allocation segment reachable by the reader (other tensors the
   caching allocator placed in it too): the path is only chosen between members of one host.
-- Opening the export of the own process is refused by CUDA; set-up failures are reported through
-  `closed(peer, ...)` before any piece moved, and swarm.transport.auto then uses TCP for that pair.
+- A set-up that fails (an export that does not open here or fails its bounds check, a peer that
+  cannot export, no export within `open_timeout`) is reported through `closed(peer, ...)` before any
+  piece moved from that peer; swarm.transport.auto then uses TCP for that pair.
 - Copies cannot be cancelled once enqueued; `drop(peer)` forgets the peer's pending requests, and the
   mapping is released when its last copy is done. `close()` waits (bounded) for every copy.
 - Endgame across paths: a piece copied here straight into the tensors while another transport writes
@@ -107,7 +115,7 @@ class _Copy:
 class _Remote:
     """One peer whose memory this member reads."""
 
-    state: str = "opening"  # opening -> ready | failed
+    state: str = "idle"  # idle -> opening (asked) -> mapping (export here) -> ready | failed
     views: list[torch.Tensor] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # requests before the export arrived
     opened_at: float = 0.0
@@ -193,6 +201,7 @@ class IpcTransport(Transport):
         self._export: dict[str, Any] | None = None
         self._export_error = ""
         self._export_lock = threading.Lock()
+        self._mappers: list[threading.Thread] = []
         # Engine-thread state.
         self._remotes: dict[str, _Remote] = {}
         #: copies in flight, per stream in issue order (a stream completes them in that order, so only
@@ -340,6 +349,8 @@ class IpcTransport(Transport):
                 log.warning("CUDA IPC transport engine did not stop within 10 s")
         self._thread = None
         deadline = time.monotonic() + max(1.0, min(self.op_timeout, 30.0))
+        for t in self._mappers:
+            t.join(max(0.0, deadline - time.monotonic()))
         for flight in self._flight:  # mappings are released only once their copies are done
             while flight and not flight[-1].done.query() and time.monotonic() < deadline:  # type: ignore[no-untyped-call]
                 time.sleep(0.001)
@@ -376,7 +387,7 @@ class IpcTransport(Transport):
         assert self.device is not None
         torch.cuda.set_device(self.device)
         while not self._stop.is_set():
-            busy = any(self._flight) or any(r.state == "opening" for r in self._remotes.values())
+            busy = any(self._flight) or any(r.state in ("opening", "mapping") for r in self._remotes.values())
             try:
                 cmd: Callable[[], None] | None = self._commands.get(timeout=0.0002 if busy else 0.05)
             except queue.Empty:
@@ -395,23 +406,44 @@ class IpcTransport(Transport):
                 log.exception("CUDA IPC transport failed to reap copies")
 
     def _open(self, peer: str) -> None:
+        """A peer to read from. Its export is asked for and mapped only when a first piece is wanted
+        from it: mapping costs ~0.1 ms a storage (hundreds for a model), so the peer that holds the
+        pieces wanted first (the seed) is mapped first, and peers never read from are never mapped."""
         r = self._remotes.get(peer)
-        if r is not None and r.state != "failed":
-            return
-        self._remotes[peer] = _Remote(opened_at=time.monotonic())
-        self._notify(peer, {"op": "open"})
+        if r is None or r.state == "failed":
+            self._remotes[peer] = _Remote()
 
     def _imported(self, peer: str, params: dict[str, Any]) -> None:
         r = self._remotes.get(peer)
         if r is None or r.state != "opening":
             return  # not asked for, or answered already
-        try:
-            if params.get("op") == "error":
-                raise TransportError(f"peer cannot export: {str(params.get('reason', ''))[:300]}")
-            r.views = self._map(params)
-        except (TransportError, RuntimeError, TypeError, ValueError) as e:
-            self._set_up_failed(peer, r, f"CUDA IPC set-up failed: {type(e).__name__}: {e}")
+        if params.get("op") == "error":
+            reason = f"CUDA IPC set-up failed: peer cannot export: {str(params.get('reason', ''))[:300]}"
+            self._set_up_failed(peer, r, reason)
             return
+        # Mapped on a thread of its own, so that this thread keeps issuing copies from other peers.
+        r.state = "mapping"
+        t = threading.Thread(
+            target=self._map_in_background, args=(peer, r, params), name="swarm-ipc-map", daemon=True
+        )
+        self._mappers = [x for x in self._mappers if x.is_alive()] + [t]
+        t.start()
+
+    def _map_in_background(self, peer: str, r: _Remote, params: dict[str, Any]) -> None:
+        assert self.device is not None
+        try:
+            torch.cuda.set_device(self.device)
+            views = self._map(params)
+        except (TransportError, RuntimeError, TypeError, ValueError) as e:
+            reason = f"CUDA IPC set-up failed: {type(e).__name__}: {e}"
+            self._post(lambda: self._set_up_failed(peer, r, reason) if r.state == "mapping" else None)
+            return
+        self._post(lambda: self._mapped(peer, r, views))
+
+    def _mapped(self, peer: str, r: _Remote, views: list[torch.Tensor]) -> None:
+        if self._remotes.get(peer) is not r or r.state != "mapping":
+            return  # dropped or timed out meanwhile
+        r.views = views
         r.state = "ready"
         self._stats["imports"] += 1
         self._stats["imported_t"] = self._stats.get("imported_t") or time.time()
@@ -481,7 +513,11 @@ class IpcTransport(Transport):
         if r is None or r.state == "failed":
             self._emit("failed", peer, piece, "error")
             return
-        if r.state == "opening":
+        if r.state == "idle":
+            r.state = "opening"
+            r.opened_at = time.monotonic()
+            self._notify(peer, {"op": "open"})
+        if r.state != "ready":
             r.pending.append(piece)
             return
         self._issue(peer, r, piece)
@@ -525,7 +561,7 @@ class IpcTransport(Transport):
         if not self._remotes and not any(self._flight):
             return
         for r_peer, r in list(self._remotes.items()):
-            if r.state == "opening" and now - r.opened_at > self.open_timeout:
+            if r.state in ("opening", "mapping") and now - r.opened_at > self.open_timeout:
                 self._set_up_failed(r_peer, r, f"no CUDA IPC export within {self.open_timeout:.0f} s")
         for flight in self._flight:
             while flight:
