@@ -1541,6 +1541,7 @@ def _ipc_swarm(
             }
         )
         if matmul_s:
+            time.sleep(2.5)  # the matmul loop alone again, after the transfer
             for r in range(0, k + 1):
                 m.tell(r, "stop")
             samples = m.event(0, "matmul", 120)["samples"]

@@ -202,6 +202,7 @@ class IpcTransport(Transport):
         self._export_error = ""
         self._export_lock = threading.Lock()
         self._mappers: list[threading.Thread] = []
+        self._exporter: threading.Thread | None = None
         # Engine-thread state.
         self._remotes: dict[str, _Remote] = {}
         #: copies in flight, per stream in issue order (a stream completes them in that order, so only
@@ -257,10 +258,17 @@ class IpcTransport(Transport):
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="swarm-ipc", daemon=True)
             self._thread.start()
-        # Export now, off the path of the first reader (a failure is kept and told to each reader).
+        # Export now, off the path of the first reader and of the node's start: on a thread (a reader's
+        # "open" waits for it under the lock; a failure is kept and told to each reader).
+        self._exporter = threading.Thread(target=self._export_quietly, name="swarm-ipc-export", daemon=True)
+        self._exporter.start()
+        return {}
+
+    def _export_quietly(self) -> None:
+        assert self.device is not None
+        torch.cuda.set_device(self.device)
         with contextlib.suppress(TransportError):
             self._export_once()
-        return {}
 
     def _export_once(self) -> dict[str, Any]:
         """This member's export (built on first use, then the same for every peer): storages shared
@@ -349,7 +357,8 @@ class IpcTransport(Transport):
                 log.warning("CUDA IPC transport engine did not stop within 10 s")
         self._thread = None
         deadline = time.monotonic() + max(1.0, min(self.op_timeout, 30.0))
-        for t in self._mappers:
+        exporter = self._exporter
+        for t in [*self._mappers, *([exporter] if exporter is not None else [])]:
             t.join(max(0.0, deadline - time.monotonic()))
         for flight in self._flight:  # mappings are released only once their copies are done
             while flight and not flight[-1].done.query() and time.monotonic() < deadline:  # type: ignore[no-untyped-call]
@@ -524,6 +533,11 @@ class IpcTransport(Transport):
 
     def _issue(self, peer: str, r: _Remote, piece: int) -> None:
         assert self.manifest is not None
+        if self._exporter is not None:
+            # Sharing swaps each storage's deleter: let it finish before this member's tensors are
+            # written (it started at open, so this waits only on a very early first piece).
+            self._exporter.join()
+            self._exporter = None
         index = self._next_stream
         stream = self._streams[index]
         self._next_stream = (index + 1) % len(self._streams)
