@@ -536,7 +536,9 @@ class IpcTransport(Transport):
         if self._exporter is not None:
             # Sharing swaps each storage's deleter: let it finish before this member's tensors are
             # written (it started at open, so this waits only on a very early first piece).
-            self._exporter.join()
+            self._exporter.join(30.0)
+            if self._exporter.is_alive():
+                log.warning("CUDA IPC export still running after 30 s")
             self._exporter = None
         index = self._next_stream
         stream = self._streams[index]
