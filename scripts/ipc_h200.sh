@@ -17,8 +17,11 @@ if [[ $STEPS == *export* ]]; then
   timeout 90 python3 bench/ipc_export.py --json "$OUT/ipc_export.json" 2>&1 | tail -c 3000
 fi
 if [[ $STEPS == *tests* ]]; then
-  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -x -q -p no:cacheprovider tests/gpu/test_ipc.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -c 6000
+  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_ipc.py 2>&1 | tee "$OUT/tests.log" | tail -c 6000
 fi
 if [[ $STEPS == *bench* ]]; then
   timeout ${BENCH_TIMEOUT:-200} python3 bench/gpu.py --cases ipc --json "$OUT/ipc-nvidia-h200.json" 2>&1 | tee "$OUT/bench.log" | tail -c 4000
+fi
+if [[ $STEPS == *others* ]]; then  # the other one-GPU tests (NCCL loopback, capture), after the rest
+  timeout ${OTHERS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_node_loopback.py tests/gpu/test_transport_loopback.py tests/gpu/test_capture.py 2>&1 | tee "$OUT/others.log" | tail -c 3000
 fi

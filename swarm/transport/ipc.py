@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from swarm import capture
 from swarm.errors import ConfigError, TransportError
 from swarm.manifest import Manifest, checksum_async
 from swarm.protocol import Channel, Message
@@ -194,6 +195,7 @@ class IpcTransport(Transport):
         self.device: torch.device | None = None
         self._checksum: Callable[[Sequence[torch.Tensor]], torch.Tensor] = checksum_async
         self._streams: list[torch.cuda.Stream] = []
+        self._sums = torch.empty(0)
         self._next_stream = 0
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -247,6 +249,8 @@ class IpcTransport(Transport):
                 checksum_async([torch.zeros((longest + 3) // 4 * 4, dtype=torch.uint8, device=dev)])
             if self.fast_checksum and fused_checksum_works(dev):
                 self._checksum = fused_checksum_async
+            # Pinned host rows for every piece's [s1, s2]: no allocation per piece.
+            self._sums = torch.empty((max(1, len(manifest.pieces)), 2), dtype=torch.int64, pin_memory=True)
             self._streams = [torch.cuda.Stream(dev) for _ in range(self.n_streams)]  # type: ignore[no-untyped-call]
             self._flight = [deque() for _ in self._streams]
             torch.cuda.synchronize(dev)
@@ -266,6 +270,7 @@ class IpcTransport(Transport):
 
     def _export_quietly(self) -> None:
         assert self.device is not None
+        capture.relax()
         torch.cuda.set_device(self.device)
         with contextlib.suppress(TransportError):
             self._export_once()
@@ -279,6 +284,7 @@ class IpcTransport(Transport):
             if self._export_error:
                 raise TransportError(self._export_error)
             try:
+                capture.relax()  # never disturb a CUDA graph capture of the process we serve from
                 regions: list[list[Any]] = []
                 index: dict[int, int] = {}
                 tensors: list[list[int]] = []
@@ -394,6 +400,7 @@ class IpcTransport(Transport):
 
     def _run(self) -> None:
         assert self.device is not None
+        capture.relax()  # never disturb a CUDA graph capture of the process we serve from
         torch.cuda.set_device(self.device)
         while not self._stop.is_set():
             busy = any(self._flight) or any(r.state in ("opening", "mapping") for r in self._remotes.values())
@@ -441,6 +448,7 @@ class IpcTransport(Transport):
     def _map_in_background(self, peer: str, r: _Remote, params: dict[str, Any]) -> None:
         assert self.device is not None
         try:
+            capture.relax()
             torch.cuda.set_device(self.device)
             views = self._map(params)
         except (TransportError, RuntimeError, TypeError, ValueError) as e:
@@ -502,9 +510,11 @@ class IpcTransport(Transport):
         r.state = "failed"
         pending, r.pending = r.pending, []
         # `closed` first: swarm.transport.auto moves the pair to TCP before the pieces are asked again.
+        # They fail as "refused": no byte of the peer was looked at, so nothing counts against it (as
+        # "error", a whole pipeline of failures would exclude the peer, over TCP too).
         self._emit("closed", peer, reason)
         for piece in pending:
-            self._emit("failed", peer, piece, "error")
+            self._emit("failed", peer, piece, "refused")
 
     def _expect(self, peer: str, piece: int) -> None:
         assert self.manifest is not None
@@ -548,7 +558,7 @@ class IpcTransport(Transport):
         torch.cuda.set_stream(stream)  # cheaper than a `with torch.cuda.stream()` block per piece
         for d, s in zip(dst, src, strict=True):
             d.copy_(s, non_blocking=True)
-        sums = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        sums = self._sums[piece]  # one copy of a piece at a time, so its row is free
         sums.copy_(self._checksum(dst), non_blocking=True)
         done = _event()
         done.record(stream)

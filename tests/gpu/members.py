@@ -191,20 +191,29 @@ def start_matmul(device: Any, seconds: float, stop: Any, results: Any, rank: int
 
 def _transport(opts: dict[str, Any], cfg: Any) -> Any:
     pace = float(opts.get("pace_s", 0.0))
-    if not pace:
+    lie = bool(opts.get("lie_export"))
+    if not pace and not lie:
         return None
     from swarm.transport.auto import AutoTransport
     from swarm.transport.ipc import IpcTransport
     from swarm.transport.tcp import TcpTransport
 
-    class PacedIpc(IpcTransport):
-        """Reads one piece every `pace` seconds, so that a test can act mid-transfer."""
+    class TestIpc(IpcTransport):
+        """Reads one piece every `pace` seconds (so that a test can act mid-transfer); with `lie`, its
+        export claims 1 GiB more of every storage than it shares (a hostile or broken peer)."""
 
         def _issue(self, peer: str, r: Any, piece: int) -> None:
             time.sleep(pace)
             super()._issue(peer, r, piece)
 
-    return AutoTransport(transports={"tcp": TcpTransport(), "ipc": PacedIpc(io_timeout_s=cfg.io_timeout_s)})
+        def _export_once(self) -> dict[str, Any]:
+            export = super()._export_once()
+            if not lie:
+                return export
+            regions = [[r[0], r[1] + (1 << 30), *r[2:]] for r in export["regions"]]
+            return {"regions": regions, "tensors": export["tensors"]}
+
+    return AutoTransport(transports={"tcp": TcpTransport(), "ipc": TestIpc(io_timeout_s=cfg.io_timeout_s)})
 
 
 def _stats(node: Any) -> dict[str, Any]:

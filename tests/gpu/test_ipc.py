@@ -66,7 +66,8 @@ def test_leecher_reads_from_seed_and_from_a_leecher_at_once(members: Any) -> Non
     # Leecher 1 reads slowly, so that leecher 2 meets it while it holds only part of the model; both
     # processes are up before either starts its node.
     members.start(opts(members, 1, "leecher", [0], pace_s=0.05, wait_go=True))
-    members.start(opts(members, 2, "leecher", [0, 1], wait_go=True))
+    # Leecher 2 is paced too (lightly), so that it has met both holders before it is done.
+    members.start(opts(members, 2, "leecher", [0, 1], pace_s=0.005, wait_go=True))
     members.event(1, "waiting")
     members.event(2, "waiting")
     members.tell(1, "go")
@@ -108,7 +109,7 @@ def test_corrupt_bytes_are_caught_by_the_gpu_checksum(members: Any) -> None:
     members.start(opts(members, 1, "seed", [], corrupt_piece=-1))  # every piece wrong, checksums right
     members.event(0, "ready")
     members.event(1, "ready")
-    members.start(opts(members, 2, "leecher", [0, 1]))
+    members.start(opts(members, 2, "leecher", [0, 1], pace_s=0.01))  # paced: it meets both seeds
     done = members.event(2, "done")
     who = ids(members)
     assert_complete(done)
@@ -121,10 +122,24 @@ def test_mixed_swarm_on_one_host(members: Any) -> None:
     members.event(0, "ready")
     members.start(opts(members, 1, "leecher", [0], device="cpu"))  # host memory: TCP only
     cpu = members.event(1, "done")
-    members.start(opts(members, 2, "leecher", [0, 1]))
+    members.start(opts(members, 2, "leecher", [0, 1], pace_s=0.01))  # paced: it meets both members
     gpu = members.event(2, "done")
     who = ids(members)
     assert cpu["identical"] and gpu["identical"] and gpu["kernel_ok"]
     assert cpu["stats"]["status_paths"] == {who[0]: "tcp"}
     assert cpu["stats"]["tcp"]["bytes_received"] == cpu["bytes"]  # GPU seed -> CPU member over TCP
     assert gpu["stats"]["status_paths"] == {who[0]: "ipc", who[1]: "tcp"}, gpu["stats"]["status_paths"]
+
+
+def test_export_claiming_more_than_it_shares_is_refused_and_the_pair_uses_tcp(members: Any) -> None:
+    # Every storage of the seed's export claims 1 GiB more than is mapped: reading it would fault and
+    # kill the reader's CUDA context. The reader's bounds check refuses the export; the pair moves to TCP.
+    members.start(opts(members, 0, "seed", [], lie_export=True))
+    members.event(0, "ready")
+    members.start(opts(members, 1, "leecher", [0]))
+    done = members.event(1, "done")
+    who = ids(members)
+    assert_complete(done)  # byte-identical, and the CUDA context still runs a kernel
+    assert done["stats"]["status_paths"] == {who[0]: "tcp"}
+    assert done["stats"]["ipc"]["bytes_received"] == 0 and done["stats"]["ipc"]["imports"] == 0
+    assert done["stats"]["tcp"]["bytes_received"] == done["bytes"]
