@@ -22,6 +22,6 @@ fi
 if [[ $STEPS == *bench* ]]; then
   timeout ${BENCH_TIMEOUT:-200} python3 bench/gpu.py --cases ipc --json "$OUT/ipc-nvidia-h200.json" 2>&1 | tee "$OUT/bench.log" | tail -c 4000
 fi
-if [[ $STEPS == *others* ]]; then  # the other one-GPU tests (NCCL loopback, capture), after the rest
-  timeout ${OTHERS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_node_loopback.py tests/gpu/test_transport_loopback.py tests/gpu/test_capture.py 2>&1 | tee "$OUT/others.log" | tail -c 3000
+if [[ $STEPS == *others* ]]; then  # the other one-GPU tests (NCCL loopback; more in OTHER_TESTS), after the rest
+  timeout ${OTHERS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_node_loopback.py tests/gpu/test_transport_loopback.py ${OTHER_TESTS:-} 2>&1 | tee "$OUT/others.log" | tail -c 3000
 fi
