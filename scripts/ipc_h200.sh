@@ -7,7 +7,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 if ls whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=$PWD:/tmp/site  # this tree first: /tmp/site may hold another copy of swarm
 else
   export PYTHONPATH=$PWD
 fi

@@ -35,7 +35,7 @@ import torch
 
 from swarm.manifest import Manifest
 from swarm.protocol import Message
-from swarm.transport.paths import Offer, choose_path, local_offer
+from swarm.transport.paths import Offer, local_offer
 
 
 @dataclass
@@ -117,8 +117,11 @@ class Transport(ABC):
         return self._offer
 
     def choose(self, peer: str, offer: Offer) -> str | None:
-        """The path to use with `peer`, given its offer; None when there is none in common."""
-        return choose_path(self.offer(), offer)
+        """The path to use with `peer`, given its offer; None when there is none in common. A member
+        forced to one transport uses it with every peer that runs it (no second-guessing: a forced
+        NCCL pair on one GPU is what tests/gpu/test_node_loopback.py drives through a loopback);
+        swarm.transport.auto chooses among several with `choose_path`."""
+        return self.name if self.name in offer.transports else None
 
     def path(self, peer: str) -> str:
         return self.name

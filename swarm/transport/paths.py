@@ -14,7 +14,9 @@ Order of preference (fastest first):
   Between hosts this is the only GPU path; on one host it is taken where IPC is not possible.
 - "tcp": both offer it (host memory, any machine).
 
-None in common: `None` (the node refuses the pair with "wrong_transport").
+None in common: `None` (the node refuses the pair with "wrong_transport"). This is how a member on
+"auto" (swarm.transport.auto) chooses; a member forced to one transport uses it with any peer that
+runs it (swarm.transport.base.Transport.choose).
 
 Limits: the host identity and GPU UUIDs are what the peer says; a peer that lies about sharing our host
 gets an IPC path whose set-up fails (the handles open nowhere else), and the transport then reports the

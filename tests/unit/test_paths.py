@@ -83,7 +83,7 @@ def test_unknown_host_never_shares_one() -> None:
         ({"tcp", "ipc", "nccl"}, {"tcp"}, "tcp"),
     ],
 )
-def test_forced_transports_on_one_gpu(a: set[str], b: set[str], want: str | None) -> None:
+def test_single_transport_offers_on_one_gpu(a: set[str], b: set[str], want: str | None) -> None:
     oa = Offer(HOST_A, "GPU-0", frozenset(), frozenset(a))
     ob = Offer(HOST_A, "GPU-0", frozenset(), frozenset(b))
     assert choose_path(oa, ob) == choose_path(ob, oa) == want
@@ -121,3 +121,16 @@ def test_an_older_member_without_an_offer_uses_its_named_transport() -> None:
 def test_host_identity_is_stable_and_names_the_host() -> None:
     assert host_identity() == host_identity()
     assert "/" in host_identity()
+
+
+def test_a_forced_transport_is_used_with_every_peer_that_runs_it() -> None:
+    from swarm.transport.tcp import TcpTransport
+
+    from swarm.transport.nccl import NcclTransport
+
+    t = TcpTransport()
+    assert t.choose("p", Offer(HOST_A, "", frozenset(), frozenset({"tcp", "ipc"}))) == "tcp"
+    assert t.choose("p", Offer(HOST_B, "GPU-1", frozenset(), frozenset({"nccl"}))) is None
+    # Two members forced to NCCL on one GPU (tests/gpu/test_node_loopback.py runs such a pair through
+    # a loopback stand-in for libnccl): the forced transport is used, not second-guessed.
+    assert NcclTransport().choose("p", Offer(HOST_A, "GPU-0", frozenset(), frozenset({"nccl"}))) == "nccl"
