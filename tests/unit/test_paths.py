@@ -124,9 +124,8 @@ def test_host_identity_is_stable_and_names_the_host() -> None:
 
 
 def test_a_forced_transport_is_used_with_every_peer_that_runs_it() -> None:
-    from swarm.transport.tcp import TcpTransport
-
     from swarm.transport.nccl import NcclTransport
+    from swarm.transport.tcp import TcpTransport
 
     t = TcpTransport()
     assert t.choose("p", Offer(HOST_A, "", frozenset(), frozenset({"tcp", "ipc"}))) == "tcp"
