@@ -392,7 +392,8 @@ def accepted_flood(extra: int = 16) -> Outcome:
             with closing(leecher) as (n,), _dealers(n.control_port) as new:
                 wait_until(lambda: any(p.accepted for p in n._peers.values()), 10, "the seed to be accepted")
                 codec = P.Codec(TOKEN)
-                data = {"addrs": [HOST], "ctl": 1, "port": fake_data.port}
+                # the seed's own Hello data (paths etc.), pointing at the fake data port
+                data = {**seed._hello().data, "addrs": [HOST], "ctl": 1, "port": fake_data.port, "peers": []}
                 for i in range(MAX_PEERS + extra):
                     s = new()
                     s.send(codec.encode(dataclasses.replace(seed._hello(), peer_id=f"fake{i}", data=data)))

@@ -68,13 +68,17 @@ def test_idle_control_connections_do_not_lock_out_honest_peers(members: Members)
 def test_peer_exchange_flood_is_capped() -> None:
     """Item 5: 32 insiders each list 32 made-up peers (before: the leecher dialled all 1,024 and its
     control loop died on ZeroMQ's socket limit). Candidates and dials stay capped; the real seed serves."""
-    _check(X.pex_flood())
+    out = X.pex_flood()
+    _check(out)
+    assert out.figures["dials"] == swarm.node.MAX_DIALS, "the made-up peers were not dialled: no attack"
 
 
 def test_accepted_peers_and_staging_are_capped() -> None:
     """Item 5: insiders that pass every check join a leecher by the dozen (before: all accepted, each
     with a data channel and a piece-sized staging buffer: 16 fake peers cost 1 GB at 64 MiB pieces)."""
-    _check(X.accepted_flood())
+    out = X.accepted_flood()
+    _check(out)
+    assert out.figures["peers"] == swarm.node.MAX_PEERS, "the fakes were not accepted: no attack"
 
 
 def test_trickled_credentials_hold_no_thread() -> None:
