@@ -88,7 +88,8 @@ MAX_DIALS = 32
 #: list find always has room. A peer-exchange address that never answered is forgotten.
 MAX_CANDIDATES = 256
 _MAX_PEX_CANDIDATES = MAX_CANDIDATES // 2
-_BUSY_BACKOFF_S = 10.0
+_BUSY_BACKOFF_S = 3.0
+_ROTATE_S = 2.0
 #: Control messages queued per connection before ZeroMQ stops reading it (TCP then pushes back).
 CONTROL_RCVHWM = 8
 #: A ZMTP handshake must finish within this; idle links are pinged by ZeroMQ itself every
@@ -355,6 +356,8 @@ class Node:
         self._dial_after: dict[tuple[str, int], float] = {}
         self._candidates: dict[tuple[str, int], str] = {}
         self._pex_candidates: set[tuple[str, int]] = set()
+        self._next_rotation = 0.0
+        self._shunned: dict[str, float] = {}
         self.frame_limit = control_frame_limit(self.manifest)
         self._seen_generation = self._seen_candidates = 0
         self._mismatches: dict[str, str] = {}
@@ -816,7 +819,7 @@ class Node:
             )
             return
         peer = self._peers.get(msg.peer_id)
-        if peer is None and len(self._peers) >= MAX_PEERS:
+        if peer is None and (len(self._peers) >= MAX_PEERS or self._shunned.get(msg.peer_id, 0.0) > now):
             if dial is not None:
                 self._close_dial(dial, backoff=True)
                 self._dial_after[(dial.host, dial.port)] = now + _BUSY_BACKOFF_S
@@ -1139,9 +1142,41 @@ class Node:
                 self._send(peer, P.Ping(), now)
         if self._guard is not None:
             self._guard.sweep(now, self._is_member)
+        if len(self._peers) >= MAX_PEERS:
+            self._make_room(now)
         self._sample_rates(now)
         if self._fetching and not self.complete:
             self._check_fetch(now)
+
+    def _make_room(self, now: float) -> None:
+        """At the peer cap, free a slot that does nobody any good, at most one per _ROTATE_S: a refused
+        peer; for a complete node, a complete peer (neither needs the other, and the slot lets a leecher
+        in); for a fetching node whose missing pieces no peer holds, the peer that gave it least, so it
+        can dial others (without this, a member whose peer set lacks a piece would stall with the cap
+        full: found with 7 members under a cap of 3)."""
+        if now < self._next_rotation:
+            return
+        victim = next((p for p in self._peers.values() if p.refused), None)
+        accepted = [p for p in self._peers.values() if p.accepted]
+        total = len(self.manifest.pieces)
+        if victim is None and self.complete:
+            victim = next((p for p in accepted if self.scheduler.peer_stats(p.id).held == total), None)
+        starved = self._unavailable_since is not None and (
+            now - self._unavailable_since > self.config.discovery_timeout_s / 2
+        )
+        if victim is None and not self.complete and starved and accepted:
+            victim = min(accepted, key=lambda p: p.bytes_from)
+        if victim is None:
+            return
+        self._next_rotation = now + _ROTATE_S
+        self._send(victim, P.Goodbye("making room for other peers"), now)
+        addrs = [(d.host, d.port) for d in victim.dials]
+        self._drop_peer(victim, "dropped to make room for other peers", now)
+        for addr in addrs:
+            self._dial_after[addr] = now + _BUSY_BACKOFF_S
+        if len(self._shunned) > 4 * MAX_PEERS:
+            self._shunned = {k: t for k, t in self._shunned.items() if t > now}
+        self._shunned[victim.id] = now + _BUSY_BACKOFF_S  # its Hello meanwhile is answered "busy"
 
     def _is_member(self, ident: bytes) -> bool:
         """A ROUTER identity that belongs to a peer this node keeps (its connection is not a stranger's)."""
