@@ -961,6 +961,7 @@ def static_peers(spec: str | None = None) -> list[tuple[str, int]]:
 
     Whitespace around entries and empty entries are ignored; duplicates are dropped (first kept);
     IPv6 hosts are returned without brackets. A bad entry raises :class:`StaticPeersError` naming it.
+    ``dns:`` and ``dns-srv:`` entries are skipped here (swarm.dnspeers resolves them).
     """
     source = "static peer list"
     if spec is None:
@@ -969,7 +970,7 @@ def static_peers(spec: str | None = None) -> list[tuple[str, int]]:
     peers: list[tuple[str, int]] = []
     for position, raw in enumerate(spec.split(","), start=1):
         entry = raw.strip()
-        if not entry:
+        if not entry or entry.startswith(("dns:", "dns-srv:")):
             continue
         try:
             peer = _parse_entry(entry)
@@ -990,16 +991,22 @@ def discover(
     static: str | None = None,
     mdns: bool = True,
     until: Callable[[list[Advert]], bool] | None = None,
+    dns_server: str | None = None,
 ) -> list[Advert]:
     """One-shot discovery: browse mDNS for ``timeout`` seconds (or until ``until(peers)``), plus statics.
 
     ``static`` is a peer list as in :func:`static_peers` (default ``$SWARM_PEERS``); its entries come
     back as static adverts (``key_digest == ""``) after the mDNS ones, except those whose endpoint an
-    mDNS advert already has. When mDNS cannot start (no multicast) and a static list is given, the
+    mDNS advert already has; its ``dns:``/``dns-srv:`` entries are resolved once (``dns_server``). When mDNS cannot start (no multicast) and a static list is given, the
     static list alone is returned (with a warning); otherwise the error propagates.
     """
     _check_timeout(timeout, "timeout")
     statics = static_peers(static)
+    if static:
+        from swarm import dnspeers
+
+        names = dnspeers.parse_dns_peers(static)
+        statics += [a for a in dnspeers.resolve_all(names, server=dns_server) if a not in statics]
     found: list[Advert] = []
     if mdns:
         try:

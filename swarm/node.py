@@ -42,11 +42,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import zmq
 
+from swarm import options as _opt
 from swarm import protocol as P
 from swarm.errors import (
     ConfigError,
@@ -76,67 +77,49 @@ _MAX_MISMATCHES = 256
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Options of a node. `from_env` reads the SWARM_* environment variables as defaults."""
+    """Options of a node. Defaults, types and ranges of the user-facing ones come from swarm.options (one
+    schema for the CLI, SWARM_* variables and the vLLM loader); `from_env` reads the environment."""
 
-    token: str | None = None
-    peers: str | None = None
-    interface: str | None = None
-    transport: str = "tcp"
+    token: str | None = _opt.default("token")
+    token_file: str | None = _opt.default("token_file")
+    allow_open: bool = _opt.default("allow_open")
+    peers: str | None = _opt.default("peers")
+    dns_interval_s: float = _opt.default("dns_interval_s")
+    dns_server: str | None = _opt.default("dns_server")
+    interface: str | None = _opt.default("interface")
+    transport: str = _opt.default("transport")
     #: 0: the transport's default (64 MiB over TCP, 256 MiB over NCCL; see their docstrings)
     piece_size: int = 0
-    discovery_timeout_s: float = 5.0
-    stall_timeout_s: float = 30.0
-    deadline_s: float = 600.0
+    discovery_timeout_s: float = _opt.default("discovery_timeout_s")
+    stall_timeout_s: float = _opt.default("stall_timeout_s")
+    deadline_s: float = _opt.default("deadline_s")
     peer_timeout_s: float = 6.0
     io_timeout_s: float = 30.0
     model_name: str = ""
-    host: str | None = None
-    control_port: int = 0
-    mdns: bool = True
+    host: str | None = _opt.default("host")
+    #: None: swarm.options.DEFAULT_CONTROL_PORT, or a random port when that is taken; 0: random
+    control_port: int | None = _opt.default("control_port")
+    metrics_port: int | None = _opt.default("metrics_port")
+    #: added to the control and metrics ports (the vLLM loader passes the rank: one port per rank)
+    port_offset: int = 0
+    mdns: bool = _opt.default("mdns")
     #: Peer exchange: dial the peers that peers list in their Hello. Off, a node talks only to the peers
     #: it finds itself (mDNS, static list); with mdns off and a static list of seeds, a leecher then pulls
     #: from those seeds alone (the one-seed fan-out that bench/lan.py compares the swarm against).
-    pex: bool = True
-    rate_cap: float | None = None
+    pex: bool = _opt.default("pex")
+    rate_cap: float | None = _opt.default("rate_cap")
     seed: int | None = None
     scheduler: SchedulerConfig | None = None
 
-    ENV: ClassVar[dict[str, str]] = {
-        "token": "SWARM_TOKEN",
-        "peers": "SWARM_PEERS",
-        "interface": "SWARM_INTERFACE",
-        "transport": "SWARM_TRANSPORT",
-        "piece_size": "SWARM_PIECE_SIZE",
-        "discovery_timeout_s": "SWARM_DISCOVERY_TIMEOUT",
-        "stall_timeout_s": "SWARM_STALL_TIMEOUT",
-        "deadline_s": "SWARM_DEADLINE",
-        "host": "SWARM_HOST",
-        "control_port": "SWARM_PORT",
-        "mdns": "SWARM_MDNS",
-        "pex": "SWARM_PEX",
-        "rate_cap": "SWARM_RATE_CAP",
-    }
-
     def __post_init__(self) -> None:
-        if self.transport not in ("tcp", "nccl"):
-            raise ConfigError(f"unknown transport {self.transport!r}", hint="use 'tcp' or 'nccl'")
-        for name in (
-            "discovery_timeout_s",
-            "stall_timeout_s",
-            "deadline_s",
-            "peer_timeout_s",
-            "io_timeout_s",
-        ):
+        for name in _opt.NODE_OPTIONS:
+            if name != "piece_size" or self.piece_size:
+                _opt.check(name, getattr(self, name))
+        for name in ("peer_timeout_s", "io_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.piece_size < 0:
-            raise ConfigError(
-                f"piece_size must be > 0 (or 0 for the transport's default), got {self.piece_size}"
-            )
-        if not 0 <= self.control_port < 65536:
-            raise ConfigError(f"control_port must be a TCP port, got {self.control_port}")
-        if self.rate_cap is not None and self.rate_cap <= 0:
-            raise ConfigError(f"rate_cap must be > 0 bytes/s, got {self.rate_cap}")
+        if not 0 <= self.port_offset < 1024:
+            raise ConfigError(f"port_offset must be in 0..1023, got {self.port_offset}")
 
     @property
     def effective_piece_size(self) -> int:
@@ -159,50 +142,30 @@ class NodeConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NodeConfig:
-        """Defaults < environment (SWARM_*) < explicit overrides. Bad values raise ConfigError."""
-        env = os.environ if env is None else env
-        types = {f.name: f.type for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for name, var in cls.ENV.items():
-            raw = env.get(var)
-            if raw is None or raw == "":
-                continue
-            values[name] = _parse(var, raw, str(types[name]))
-        unknown = set(overrides) - set(types)
+        """Defaults < environment (SWARM_*) < explicit overrides (None: not given). Bad values raise
+        ConfigError naming the variable; a token file is read here (SWARM_TOKEN_FILE)."""
+        values = _opt.from_env(_opt.NODE_OPTIONS, env)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown swarm option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("token_file") and not values.get("token"):
+            values["token"] = _read_token(values["token_file"])
         return cls(**values)
 
 
-def _parse(var: str, raw: str, typ: str) -> Any:
+def _read_token(path: str) -> str:
     try:
-        if "bool" in typ:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if "int" in typ:
-            return parse_size(raw)
-        if "float" in typ:
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"{var}={raw!r} is not a valid {typ.replace(' | None', '')}") from None
-    return raw
-
-
-def parse_size(text: str) -> int:
-    """'64MiB', '512MB', '1GB', '4096' -> bytes (binary multiples for both spellings)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = 1
-    if t and t[-1] in units:
-        mult, t = units[t[-1]], t[:-1]
-    value = float(t)
-    if value < 0:
-        raise ValueError(text)
-    return int(value * mult)
+        with open(path, encoding="utf-8") as f:
+            token = f.read(4097).strip()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read the token file {path!r} (SWARM_TOKEN_FILE): {e.strerror}",
+            hint="mount the Secret there, or set SWARM_TOKEN",
+        ) from None
+    if not token or len(token) > 4096:
+        raise ConfigError(f"the token file {path!r} is empty or longer than 4096 characters")
+    return token
 
 
 @dataclass
@@ -299,6 +262,8 @@ class Node:
         self._stop = threading.Event()
         self._advertiser: Any = None
         self._browser: Any = None
+        self._dns: Any = None
+        self._dns_endpoints: set[tuple[str, int]] = set()
         self.host = ""
         self.addresses: list[str] = []
         self.control_port = 0
@@ -457,19 +422,29 @@ class Node:
         addr = f"[{bind}]" if ":" in bind else bind
         if ":" in bind:
             router.setsockopt(zmq.IPV6, 1)
+        port = self.config.control_port
         try:
-            if self.config.control_port:
-                router.bind(f"tcp://{addr}:{self.config.control_port}")
-                self.control_port = self.config.control_port
+            if port is None:
+                # The default port, so that a Service can name it; several members on one host: random.
+                try:
+                    wanted = _opt.DEFAULT_CONTROL_PORT + self.config.port_offset
+                    router.bind(f"tcp://{addr}:{wanted}")
+                    self.control_port = wanted
+                except zmq.ZMQError:
+                    self.control_port = router.bind_to_random_port(f"tcp://{addr}")
+            elif port:
+                router.bind(f"tcp://{addr}:{port + self.config.port_offset}")
+                self.control_port = port + self.config.port_offset
             else:
                 self.control_port = router.bind_to_random_port(f"tcp://{addr}")
         except zmq.ZMQError as e:
             raise ConfigError(
-                f"cannot listen on {bind}:{self.config.control_port or 'a random port'}: {e}",
-                hint="choose another SWARM_PORT, or leave it unset for a random port",
+                f"cannot listen on {bind}:{port or 'a random port'}: {e}",
+                hint="choose another SWARM_PORT, or leave it unset",
             ) from e
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
+        self._start_dns()
         if self.config.mdns:
             # No name probe: the instance id is 48 random bits, and probing costs 0.75 s of start-up.
             self._advertiser = discovery.Advertiser(
@@ -488,6 +463,30 @@ class Node:
             self.control_port,
             self.manifest,
         )
+
+    def _start_dns(self) -> None:
+        """dns:/dns-srv: peers: resolved now and periodically in a thread of their own (swarm.dnspeers)."""
+        from swarm import dnspeers
+
+        own_default = _opt.DEFAULT_CONTROL_PORT + self.config.port_offset
+        names = dnspeers.parse_dns_peers(self.config.peers or "", default_port=own_default)
+        if names:
+            self._dns = dnspeers.DnsPeers(
+                names,
+                lambda found: self._post("dns", found),
+                interval_s=self.config.dns_interval_s,
+                server=self.config.dns_server,
+            ).start()
+
+    def _on_dns(self, found: list[tuple[str, int]]) -> None:
+        """New DNS answers: dial the new endpoints; forget those gone that never answered."""
+        new = set(found)
+        for addr in found:
+            self._candidates.setdefault(addr, "")
+        for addr in self._dns_endpoints - new:
+            if self._candidates.get(addr) == "":
+                del self._candidates[addr]
+        self._dns_endpoints = new
 
     def _advert(self) -> Any:
         from swarm import discovery
@@ -925,6 +924,8 @@ class Node:
                     self._send(peer, args[1], now)
             elif kind == "complete":
                 self._become_seed(args[0], now)
+            elif kind == "dns":
+                self._on_dns(args[0])
 
     def _on_received(self, peer_id: str, piece: int, now: float) -> None:
         if self.scheduler.has(piece):
@@ -1186,6 +1187,8 @@ class Node:
         if getattr(self, "_torn_down", False):
             return
         self._torn_down = True
+        if self._dns is not None:
+            self._dns.close()
         for closer in (self._advertiser, self._browser):
             if closer is not None:
                 try:
