@@ -240,13 +240,14 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
     size = _synthetic_size(args)
     config = _node_config(args, MEMBER_OPTIONS + DISCOVERY_OPTIONS)
+    duration = _duration(args)
     tensors = synthetic_tensors(size)
     with Node(synthetic_key(size), tensors, config, complete=True) as node:
         print(
             f"seeding synthetic model of {size / 1e6:.0f} MB as {node.id} on {node.host}:{node.control_port}",
             flush=True,
         )
-        _wait_for_signal(node, _duration(args))
+        _wait_for_signal(node, duration)
     return 0
 
 
@@ -259,6 +260,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     size = _synthetic_size(args)
     config = _node_config(args, MEMBER_OPTIONS + DISCOVERY_OPTIONS)
+    duration = _duration(args)
     tensors = synthetic_tensors(size, fill=False)
     with Node(synthetic_key(size), tensors, config, complete=False) as node:
         with Progress(
@@ -287,7 +289,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             if not same:
                 return 1
         if not args.exit:
-            _wait_for_signal(node, _duration(args))
+            _wait_for_signal(node, duration)
     return 0
 
 
