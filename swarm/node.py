@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import zmq
 
+from swarm import metrics as _metrics
 from swarm import options as _opt
 from swarm import protocol as P
 from swarm.errors import (
@@ -281,6 +282,9 @@ class Node:
         self._held_bytes = self.manifest.total_bytes if complete else 0
         #: bytes received from peers that have left (id -> (name, bytes)), so the report counts them
         self._gone_from: dict[str, tuple[str, int]] = {}
+        self.metrics = _metrics.NodeMetrics(self.config.model_name or key.model_id, key.rank)
+        self._seeding_since: float | None = time.monotonic() if complete else None
+        self._metrics_server: Any = None
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -445,6 +449,8 @@ class Node:
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
         self._start_dns()
+        if self.config.metrics_port:
+            self._metrics_server = _metrics.serve(bind, self.config.metrics_port + self.config.port_offset)
         if self.config.mdns:
             # No name probe: the instance id is 48 random bits, and probing costs 0.75 s of start-up.
             self._advertiser = discovery.Advertiser(
@@ -900,6 +906,7 @@ class Node:
                 self._on_received(args[0], args[1], now)
             elif kind == "failed":
                 peer_id, piece, reason = args
+                self.metrics.failed(reason)
                 if peer_id in self._peers:
                     self.scheduler.piece_failed(peer_id, piece, now, reason)
                     if reason == "bad_checksum":
@@ -912,6 +919,7 @@ class Node:
                     self.bytes_out += n
                     if peer_id in self._peers:
                         self._peers[peer_id].bytes_to += n
+                        self.metrics.sent(self._path(peer_id), self._peers[peer_id].hello.role, n)
                 if peer_id in self._peers:
                     self._apply(self.scheduler.upload_finished(peer_id, piece, now, ok), now)
             elif kind == "closed":
@@ -936,6 +944,7 @@ class Node:
             return  # the peer was dropped meanwhile: the piece is fetched again (same verified bytes)
         peer.bytes_from += n
         self.bytes_in += n
+        self.metrics.received(self._path(peer_id), peer.hello.role, n)
         decisions = self.scheduler.piece_received(peer_id, piece, now)
         with self._cv:
             self._held_bytes += n
@@ -951,7 +960,23 @@ class Node:
             if p.accepted:
                 self._send(p, msg, now)
 
+    def _path(self, peer_id: str) -> str:
+        """How bytes move to and from this peer, for the metrics: a transport that picks a path per peer
+        says which (`path_to`), else its name."""
+        path_to = getattr(self.transport, "path_to", None)
+        return str(path_to(peer_id)) if callable(path_to) else self.transport.name
+
+    def _peer_states(self) -> dict[str, int]:
+        peers = list(self._peers.values())
+        return {
+            "dialing": len([d for d in self._dials.values() if d.peer is None]),
+            "handshaking": len([p for p in peers if not p.accepted and not p.refused]),
+            "accepted": len([p for p in peers if p.accepted]),
+            "refused": len([p for p in peers if p.refused]),
+        }
+
     def _finish_fetch(self, now: float) -> None:
+        self._seeding_since = time.monotonic()
         with self._cv:
             self.complete = True
             self._cv.notify_all()
@@ -960,6 +985,7 @@ class Node:
             self._advertiser.update(role="seed")
 
     def _become_seed(self, checksums: list[str], now: float) -> None:
+        self._seeding_since = time.monotonic()
         self.checksums = checksums
         self.transport.set_checksums(checksums)
         self.scheduler = self._new_scheduler(True)
@@ -1027,6 +1053,7 @@ class Node:
             elif now - peer.last_sent > self.config.peer_timeout_s / 3:
                 self._send(peer, P.Ping(), now)
         self._sample_rates(now)
+        self.metrics.update(self._peer_states(), self._seeding_since)
         if self._fetching and not self.complete:
             self._check_fetch(now)
 
@@ -1189,6 +1216,9 @@ class Node:
         self._torn_down = True
         if self._dns is not None:
             self._dns.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        self.metrics.close()
         for closer in (self._advertiser, self._browser):
             if closer is not None:
                 try:
