@@ -113,15 +113,24 @@ def _resolver(server: str | None, timeout_s: float) -> object:
 
 
 def _addresses(resolver: object, name: str) -> list[str]:
+    """A and AAAA records of `name`; a failure of one type does not hide the other's answer (a server
+    may refuse AAAA queries for a name it only has A records of)."""
+    import dns.exception
     import dns.resolver
 
     found: list[str] = []
+    errors: list[Exception] = []
     for rdtype in ("A", "AAAA"):
         try:
             answer = resolver.resolve(name, rdtype)  # type: ignore[attr-defined]
         except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
             continue  # a name with only A, or only AAAA records; or no ready pod yet
+        except (dns.exception.DNSException, OSError) as e:
+            errors.append(e)
+            continue
         found.extend(str(r.address) for r in answer)
+    if errors and not found:
+        raise errors[0]
     return found[:MAX_RECORDS]
 
 
