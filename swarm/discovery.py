@@ -683,7 +683,8 @@ class Browser:
     """Browse for swarm members in the background; a context manager.
 
     Starts browsing on construction. ``peers()`` is the current view: adverts that were resolved and
-    not withdrawn (nor expired), sorted by instance id, only those of ``key_digest`` when given.
+    not withdrawn (nor expired), sorted by instance id, only those of ``key_digest`` when given, never
+    the one of ``ignore`` (the browsing node's own instance id).
     ``generation`` increases at every change of that view. ``close()`` stops and joins every thread
     it started and closes its zeroconf instance.
     """
@@ -698,11 +699,14 @@ class Browser:
         key_digest: str | None = None,
         interface: str | None = None,
         resolve_timeout: float = 2.0,
+        ignore: str | None = None,
     ) -> None:
         if key_digest is not None:
             _check_key_digest(key_digest)
         _check_timeout(resolve_timeout, "resolve_timeout")
         self._key = key_digest
+        #: the browsing node's own instance id: its advert is neither resolved, listed nor logged
+        self._ignore = ignore
         self._resolve_timeout = resolve_timeout
         self._cond = threading.Condition()
         self._peers: dict[str, Advert] = {}
@@ -812,6 +816,8 @@ class Browser:
         if not name.endswith("." + SERVICE_TYPE):
             return
         instance_id = name[: -len(SERVICE_TYPE) - 1]
+        if instance_id == self._ignore:
+            return
         info = ServiceInfo(SERVICE_TYPE, name)
         try:
             ok = info.request(zc, self._resolve_timeout * 1000)
@@ -997,7 +1003,8 @@ def discover(
 
     ``static`` is a peer list as in :func:`static_peers` (default ``$SWARM_PEERS``); its entries come
     back as static adverts (``key_digest == ""``) after the mDNS ones, except those whose endpoint an
-    mDNS advert already has; its ``dns:``/``dns-srv:`` entries are resolved once (``dns_server``). When mDNS cannot start (no multicast) and a static list is given, the
+    mDNS advert already has; its ``dns:``/``dns-srv:`` entries are resolved once (``dns_server``).
+    When mDNS cannot start (no multicast) and a static list is given, the
     static list alone is returned (with a warning); otherwise the error propagates.
     """
     _check_timeout(timeout, "timeout")

@@ -10,9 +10,11 @@ What every node exports (labels `model` and `rank` on each; names as a scrape sh
 | `swarm_pieces_failed_total` | counter | reason | pieces that failed (`bad_checksum`, `error`) |
 | `swarm_peers` | gauge | state | members by state: dialing, handshaking, accepted, refused |
 | `swarm_seeding_uptime_seconds` | gauge | | seconds since this rank holds the whole model (0: not yet) |
-| `swarm_load_seconds` | histogram | source, reason | time to get the weights in place, by where they came from (`swarm`, `disk`) and, for disk, why the swarm was not used |
+| `swarm_load_seconds` | histogram | source, reason | time to get the weights in place (see below) |
 | `swarm_loaded_bytes_total` | counter | source | bytes loaded, by source |
 
+`swarm_load_seconds` counts from the start of a rank's load to its weights in place, by where they came
+from (`source`: swarm, disk) and, for disk, why the swarm was not used (`reason`: FALLBACK_REASONS).
 `path` is how the bytes moved (`tcp`, `nccl`, `ipc`: the transport's `path_to(peer)` when it has one,
 else its name); `peer_role` is the peer's role when it said hello (`seed`, `leecher`).
 
@@ -47,9 +49,7 @@ SOURCES = ("swarm", "disk")
 #: Why a load used the disk (the `reason` label of swarm_load_seconds{source="disk"}).
 FALLBACK_REASONS = ("no_seed", "manifest_mismatch", "stall", "node_start", "not_swarmable", "error")
 
-RECEIVED = Counter(
-    "swarm_received_bytes", "Verified piece bytes received", [*_LABELS, "path", "peer_role"]
-)
+RECEIVED = Counter("swarm_received_bytes", "Verified piece bytes received", [*_LABELS, "path", "peer_role"])
 SENT = Counter("swarm_sent_bytes", "Piece bytes sent to peers", [*_LABELS, "path", "peer_role"])
 VERIFIED = Counter("swarm_pieces_verified", "Pieces received whose checksum matched", _LABELS)
 FAILED = Counter("swarm_pieces_failed", "Pieces that failed (checksum or transfer)", [*_LABELS, "reason"])

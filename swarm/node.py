@@ -457,7 +457,9 @@ class Node:
                 self._advert(), interface=self.config.interface, probe=False
             )
             self._advertiser.start()
-            self._browser = discovery.Browser(key_digest=self.key.digest, interface=self.config.interface)
+            self._browser = discovery.Browser(
+                key_digest=self.key.digest, interface=self.config.interface, ignore=self.id
+            )
         self._thread = threading.Thread(target=self._loop, name=f"swarm-node-{self.id}", daemon=True)
         self._thread.start()
         log.info(

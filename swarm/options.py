@@ -4,8 +4,8 @@ An option can be given in three places, all parsed here with the same rules and 
 - a `SWARM_*` environment variable (text);
 - a `swarm` command-line flag (text; `add_arguments` builds the flags from this schema);
 - a key of vLLM's `--model-loader-extra-config` (JSON: typed values; vllm_plugin.options maps onto this).
-Precedence: command line or JSON > environment > default (an empty variable counts as unset). A bad value raises `ConfigError` naming where
-it came from, what was wrong and what is expected, e.g.
+Precedence: command line or JSON > environment > default (an empty variable counts as unset). A bad
+value raises `ConfigError` naming where it came from, what was wrong and what is expected, e.g.
 `SWARM_RATE_CAP='2XB' is not valid: unknown unit 'XB' (expected a rate such as 2GB (10^9 bytes/s) ...)`.
 
 Sizes and rates have explicit units in one convention: decimal as vLLM prints them (`64MB` = 64 x 10^6
@@ -72,7 +72,9 @@ def parse_size(text: str, *, rate: bool = False) -> int:
     number, unit = m.group(1), m.group(2).lower()
     if unit not in _UNITS:
         if unit in ("k", "m", "g", "t"):
-            raise Invalid(f"ambiguous unit {m.group(2)!r}: write {m.group(2).upper()}B or {m.group(2).upper()}iB")
+            raise Invalid(
+                f"ambiguous unit {m.group(2)!r}: write {m.group(2).upper()}B or {m.group(2).upper()}iB"
+            )
         raise Invalid(f"unknown unit {m.group(2)!r}")
     try:
         value = Decimal(number) * _UNITS[unit]
@@ -307,7 +309,8 @@ class Peers(Kind):
             if not value or not all(isinstance(v, str) and v for v in value):
                 raise Invalid("not a list of peer strings")
             return self.from_text(",".join(value))
-        return super().from_json(value)
+        text: str = super().from_json(value)
+        return text
 
     def check(self, value: Any) -> None:
         if value is not None:

@@ -48,8 +48,16 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
-        (["seed", "--synthetic", "1MB", "--piece-size", "-1", *LOOPBACK], {}, "--piece-size='-1' is not valid"),
-        (["seed", "--synthetic", "1MB", "--piece-size", "abc", *LOOPBACK], {}, "--piece-size='abc' is not valid"),
+        (
+            ["seed", "--synthetic", "1MB", "--piece-size", "-1", *LOOPBACK],
+            {},
+            "--piece-size='-1' is not valid",
+        ),
+        (
+            ["seed", "--synthetic", "1MB", "--piece-size", "abc", *LOOPBACK],
+            {},
+            "--piece-size='abc' is not valid",
+        ),
         (["seed", "--synthetic", "1MB", "--piece-size", "0", *LOOPBACK], {}, "--piece-size='0' is not valid"),
         (["seed", "--synthetic", "1MB", "--piece-size", "0.5", *LOOPBACK], {}, "not a whole number of bytes"),
         (["seed", "--synthetic", "abc", *LOOPBACK], {}, "--synthetic='abc' is not valid"),
@@ -89,7 +97,10 @@ def token_seed() -> Iterator[Node]:
 def test_status_reads_token_and_mdns_from_the_environment(run: Run, token_seed: Node) -> None:
     # issue 13: `swarm status` ignored SWARM_TOKEN, SWARM_INTERFACE and SWARM_MDNS
     peers = f"127.0.0.1:{token_seed.control_port}"
-    r = run(["status", "--json", "--timeout", "0.5"], {"SWARM_PEERS": peers, "SWARM_TOKEN": "s3cret", "SWARM_MDNS": "0"})
+    r = run(
+        ["status", "--json", "--timeout", "0.5"],
+        {"SWARM_PEERS": peers, "SWARM_TOKEN": "s3cret", "SWARM_MDNS": "0"},
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["instance"] for row in rows] == [token_seed.id]

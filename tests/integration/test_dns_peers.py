@@ -64,7 +64,13 @@ class Dnsmasq:
 def dns(tmp_path: Path) -> Iterator[Dnsmasq]:
     server = Dnsmasq(
         tmp_path,
-        hosts=["127.0.0.1 swarm.test", "127.0.0.2 swarm.test", "::1 swarm.test", "127.0.0.3 a.test", "127.0.0.4 b.test"],
+        hosts=[
+            "127.0.0.1 swarm.test",
+            "127.0.0.2 swarm.test",
+            "::1 swarm.test",
+            "127.0.0.3 a.test",
+            "127.0.0.4 b.test",
+        ],
         srv=["_swarm._tcp.swarm.test,a.test,5001", "_swarm._tcp.swarm.test,b.test,5002"],
     )
     try:
@@ -136,7 +142,9 @@ def test_a_leecher_finds_every_seed_of_a_headless_service(dns: Dnsmasq) -> None:
             report = leecher.fetch()
             assert report.total_bytes == leecher.manifest.total_bytes
             expected = synthetic_tensors(SIZE)
-            assert all(torch.equal(expected[k].view(torch.int16), t.view(torch.int16)) for k, t in tensors.items())
+            assert all(
+                torch.equal(expected[k].view(torch.int16), t.view(torch.int16)) for k, t in tensors.items()
+            )
             # both seeds were found through DNS (the leecher pulls from every seed it is connected to)
             wait_until(lambda: leecher.status()["peers"] == 2, 10, "both seeds accepted")
         # `swarm status` resolves the same name

@@ -73,28 +73,45 @@ def test_a_fetch_shows_in_both_members_metrics(seed_process: tuple[int, int]) ->
         total = node.manifest.total_bytes
         assert report.total_bytes == total
         wait_until(
-            lambda: value(scrape(leech_metrics), "swarm_peers", model="leech-metrics-test", state="accepted") == 1,
+            lambda: (
+                value(scrape(leech_metrics), "swarm_peers", model="leech-metrics-test", state="accepted") == 1
+            ),
             10,
             "the leecher's peer gauge",
         )
         mine = scrape(leech_metrics)
         labels = {"model": "leech-metrics-test", "path": "tcp", "peer_role": "seed"}
         assert value(mine, "swarm_received_bytes_total", **labels) == total
-        assert value(mine, "swarm_pieces_verified_total", model="leech-metrics-test") == len(node.manifest.pieces)
+        assert value(mine, "swarm_pieces_verified_total", model="leech-metrics-test") == len(
+            node.manifest.pieces
+        )
         assert value(mine, "swarm_pieces_failed_total", model="leech-metrics-test") == 0
         wait_until(
-            lambda: value(scrape(leech_metrics), "swarm_seeding_uptime_seconds", model="leech-metrics-test") > 0,
+            lambda: (
+                value(scrape(leech_metrics), "swarm_seeding_uptime_seconds", model="leech-metrics-test") > 0
+            ),
             10,
             "the leecher to count itself a seed",
         )
         # the seed, another process, counts the same bytes as sent to a leecher over TCP
         wait_until(
-            lambda: value(scrape(seed_metrics), "swarm_sent_bytes_total", path="tcp", peer_role="leecher") == total,
+            lambda: (
+                value(scrape(seed_metrics), "swarm_sent_bytes_total", path="tcp", peer_role="leecher")
+                == total
+            ),
             10,
             "the seed's sent bytes",
         )
         # `swarm status --prometheus` sees both members
-        code = cli.main(["status", "--prometheus", "--no-mdns", "--peers", f"127.0.0.1:{port},127.0.0.1:{node.control_port}"])
+        code = cli.main(
+            [
+                "status",
+                "--prometheus",
+                "--no-mdns",
+                "--peers",
+                f"127.0.0.1:{port},127.0.0.1:{node.control_port}",
+            ]
+        )
         assert code == 0
     # the node's endpoint is gone with the node
     assert not _answers(leech_metrics)
@@ -103,7 +120,10 @@ def test_a_fetch_shows_in_both_members_metrics(seed_process: tuple[int, int]) ->
 def test_status_prometheus_output(seed_process: tuple[int, int], capsys: pytest.CaptureFixture[str]) -> None:
     port, _ = seed_process
     capsys.readouterr()
-    assert cli.main(["status", "--prometheus", "--no-mdns", "--peers", f"127.0.0.1:{port}", "--timeout", "0.5"]) == 0
+    assert (
+        cli.main(["status", "--prometheus", "--no-mdns", "--peers", f"127.0.0.1:{port}", "--timeout", "0.5"])
+        == 0
+    )
     out = capsys.readouterr().out
     samples = {
         (s.name, s.labels.get("role", "")): s.value
@@ -117,7 +137,9 @@ def test_status_prometheus_output(seed_process: tuple[int, int], capsys: pytest.
 
 
 def test_status_exposition_ignores_hostile_values() -> None:
-    rows = [{"instance": "x" * 500, "progress": "1; drop", "pieces": float("nan"), "peers": True, "uptime_s": 3}]
+    rows = [
+        {"instance": "x" * 500, "progress": "1; drop", "pieces": float("nan"), "peers": True, "uptime_s": 3}
+    ]
     out = metrics.status_exposition(rows)
     names = {s.name for f in text_string_to_metric_families(out) for s in f.samples}
     assert "swarm_member_uptime_seconds" in names
@@ -136,7 +158,9 @@ def test_a_taken_metrics_port_is_a_config_error() -> None:
 def test_record_load_labels_are_bounded() -> None:
     metrics.record_load(model="m-load", rank="tp0/1", source="disk", seconds=1.5, nbytes=10, reason="no_seed")
     metrics.record_load(model="m-load", rank="tp0/1", source="disk", seconds=1.0, reason="something new")
-    metrics.record_load(model="m-load", rank="tp0/1", source="swarm", seconds=0.5, nbytes=20, reason="ignored")
+    metrics.record_load(
+        model="m-load", rank="tp0/1", source="swarm", seconds=0.5, nbytes=20, reason="ignored"
+    )
     from prometheus_client import REGISTRY
 
     def get(name: str, **labels: str) -> float | None:

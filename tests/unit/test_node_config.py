@@ -117,7 +117,9 @@ def test_sizes_decimal_and_binary(text: str, value: int) -> None:
     assert options.parse_size(text) == value
 
 
-@pytest.mark.parametrize(("text", "why"), [("1.5G", "ambiguous"), ("2XB", "unknown unit"), ("-5", "not a size")])
+@pytest.mark.parametrize(
+    ("text", "why"), [("1.5G", "ambiguous"), ("2XB", "unknown unit"), ("-5", "not a size")]
+)
 def test_sizes_without_an_explicit_unit_convention_are_refused(text: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         options.parse_size(text)

@@ -242,3 +242,33 @@ def test_tiny_models_are_deterministic_and_tied(tmp_path: Path) -> None:
     leech = copy_without_weights(q, tmp_path / "leech")
     assert not [f for p in WEIGHT_PATTERNS for f in leech.glob(p)]
     assert (leech / "tokenizer.json").exists() and (leech / "config.json").exists()
+
+
+# --- logs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", True), ("warning", False)])
+def test_swarm_logs_carry_the_prefix_and_follow_the_level(level: str, shown: bool) -> None:
+    import io
+    import logging
+
+    from vllm_plugin.logs import route_swarm_logs
+
+    out = io.StringIO()
+    target = logging.StreamHandler(out)
+    target.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    swarm_log = logging.getLogger("swarm")
+    saved = (swarm_log.level, swarm_log.propagate)
+    installed = route_swarm_logs([target], level)
+    try:
+        assert installed and route_swarm_logs([target], level) == []  # idempotent
+        logging.getLogger("swarm.node").info("node %s listening", "abc")
+        logging.getLogger("swarm.discovery").warning("swarm: already prefixed")
+        lines = out.getvalue().splitlines()
+        expected = ["INFO swarm: node abc listening"] if shown else []
+        assert lines == [*expected, "WARNING swarm: already prefixed"]
+    finally:
+        for h in installed:
+            swarm_log.removeHandler(h)
+        swarm_log.setLevel(saved[0])
+        swarm_log.propagate = saved[1]
