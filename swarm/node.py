@@ -449,6 +449,7 @@ class Node:
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
         self._start_dns()
+        self.metrics.update(self._peer_states(), self._seeding_since)  # right from the first scrape
         if self.config.metrics_port:
             self._metrics_server = _metrics.serve(bind, self.config.metrics_port + self.config.port_offset)
         if self.config.mdns:
