@@ -1,11 +1,15 @@
 """`swarm`: the command line.
 
 - `swarm status`: every swarm member on the LAN (mDNS, plus SWARM_PEERS / --peers), asked over the
-  control plane for its status, shown as one table (`--json` for scripts, `--watch` for a live view).
+  control plane for its status, shown as one table (`--json` for scripts, `--prometheus` in Prometheus
+  text format, `--watch` for a live view). It reads the same SWARM_* variables as a member.
   Exits 1 when no member answers, saying what to check.
 - `swarm seed --synthetic SIZE` / `swarm fetch --synthetic SIZE`: a standalone member without vLLM
   holding a synthetic model (swarm.synthetic) of SIZE bytes, for demos, tests and benchmarks. `fetch`
   shows a progress bar, verifies the result, and keeps seeding unless `--exit`.
+
+Flags of node options come from the one schema (swarm.options): the same parsing, units and one-line
+errors as the SWARM_* variables and the vLLM loader's options.
 """
 
 from __future__ import annotations
@@ -196,20 +200,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Options of the node that `swarm seed` and `swarm fetch` take as flags (the rest: SWARM_* variables).
-MEMBER_OPTIONS = (
-    "piece_size",
-    "host",
-    "control_port",
-    "transport",
-    "discovery_timeout_s",
-    "stall_timeout_s",
-    "deadline_s",
-    "rate_cap",
-    "metrics_port",
-)
 #: Options that say how to reach the swarm: every command takes them.
 DISCOVERY_OPTIONS = ("peers", "interface", "mdns", "token", "token_file", "dns_server")
+#: The other options of a node: `swarm seed` and `swarm fetch` take every one as a flag.
+MEMBER_OPTIONS = tuple(n for n in options.NODE_OPTIONS if n not in DISCOVERY_OPTIONS)
 
 
 def _node_config(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
@@ -276,6 +270,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             except SwarmError as e:
                 print(f"fetch failed: {e}", file=sys.stderr)
                 return 1
+        from swarm import metrics
+
+        model, rank = node.metrics.labels
+        metrics.record_load(
+            model=model, rank=rank, source="swarm", seconds=report.seconds, nbytes=report.total_bytes
+        )
         print(f"{node.id}: {report.describe()}", flush=True)
         if args.verify:
             expected = synthetic_tensors(size)

@@ -395,7 +395,7 @@ _OPTIONS = [
            env="SWARM_DNS_SERVER", flag="--dns-server", default_text="the system's (`/etc/resolv.conf`)"),
     Option("interface", Text(), None, "the interface (name or address) to bind and advertise on",
            env="SWARM_INTERFACE", flag="--interface", default_text="all usable"),
-    Option("mdns", Flag(), True, "mDNS discovery and advertising; `0`/`false`: static peers only",
+    Option("mdns", Flag(), True, "mDNS discovery and advertising (off: static and DNS peers only)",
            env="SWARM_MDNS", flag="--no-mdns"),
     Option("pex", Flag(), True, "peer exchange: dial the peers that peers list in their Hello",
            env="SWARM_PEX", flag="--no-pex"),
@@ -476,8 +476,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None
         env = f"; {opt.env}" if opt.env else ""
         if isinstance(opt.kind, Flag):
             const = not opt.flag.startswith("--no-")
+            text = opt.help if const else f"turn off {opt.help}"
             parser.add_argument(opt.flag, dest=name, action="store_const", const=const, default=None,
-                                help=f"{opt.help}{env}")  # fmt: skip
+                                help=f"{text}{env}")  # fmt: skip
         else:
             parser.add_argument(opt.flag, dest=name, default=None, metavar=_metavar(opt),
                                 help=f"{opt.help} (default: {_plain(opt.docs_default)}{env})")  # fmt: skip

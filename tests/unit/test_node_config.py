@@ -143,3 +143,15 @@ def test_every_option_has_help_a_variable_and_a_flag_or_is_loader_only() -> None
     for o in options.OPTIONS.values():
         assert o.help and o.env and o.env.startswith("SWARM_")
         assert (o.flag is None) == (o.scope == "loader"), o.name
+
+
+def test_every_flag_in_the_table_is_a_flag_of_swarm_seed_and_fetch() -> None:
+    from swarm import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for command in ("seed", "fetch"):
+        flags = {f for a in sub.choices[command]._actions for f in a.option_strings}  # type: ignore[attr-defined]
+        for o in options.OPTIONS.values():
+            if o.flag:
+                assert o.flag in flags, (command, o.flag)

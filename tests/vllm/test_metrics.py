@@ -32,7 +32,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-def test_swarm_metrics_of_a_seed_and_a_leecher(servers: Servers, models: dict[str, Path], tmp_path: Path) -> None:
+def test_swarm_metrics_of_a_seed_and_a_leecher(
+    servers: Servers, models: dict[str, Path], tmp_path: Path
+) -> None:
     pa, pb, ma, mb = free_port(), free_port(), free_port(), free_port()
     a = servers.start("MA", models["tiny-llama"], swarm=swarm_opts(pa, metrics_port=ma)).wait_ready()
     seed = scrape(f"http://127.0.0.1:{ma}/metrics")
@@ -55,8 +57,10 @@ def test_swarm_metrics_of_a_seed_and_a_leecher(servers: Servers, models: dict[st
     assert value(leech, "swarm_pieces_verified_total") == row["pieces_total"]
     assert value(leech, "swarm_pieces_failed_total") == 0
     wait_until(
-        lambda: value(scrape(f"http://127.0.0.1:{ma}/metrics"), "swarm_sent_bytes_total", peer_role="leecher")
-        == total,
+        lambda: (
+            value(scrape(f"http://127.0.0.1:{ma}/metrics"), "swarm_sent_bytes_total", peer_role="leecher")
+            == total
+        ),
         30,
         "the seed's sent bytes",
     )
