@@ -31,16 +31,16 @@ def route_swarm_logs(
     handlers: Sequence[logging.Handler] | None = None, level: str | int | None = None
 ) -> list[logging.Handler]:
     """Send the `swarm` loggers' records to `handlers` (default: the `vllm` logger's) with the `swarm: `
-    prefix, at `level` (default: vLLM's VLLM_LOGGING_LEVEL). Idempotent; returns what it installed."""
+    prefix, at `level` (default: the `vllm` logger's, which vLLM sets from VLLM_LOGGING_LEVEL).
+    Idempotent; returns what it installed."""
     swarm_log = logging.getLogger("swarm")
     if any(isinstance(h, _Prefixed) for h in swarm_log.handlers):
         return []
     if handlers is None:
         handlers = logging.getLogger("vllm").handlers
     if level is None:
-        import vllm.envs
-
-        level = vllm.envs.VLLM_LOGGING_LEVEL
+        # vLLM sets its logger's level from VLLM_LOGGING_LEVEL (or the user's logging config): follow it.
+        level = logging.getLogger("vllm").getEffectiveLevel()
     installed: list[logging.Handler] = [_Prefixed(h) for h in handlers]
     for h in installed:
         swarm_log.addHandler(h)
