@@ -104,6 +104,25 @@ def record_load(
         LOADED.labels(model, rank, src).inc(nbytes)
 
 
+class LoadTimer:
+    """Times one rank's load from its creation: `done("swarm", nbytes)` or `done("disk", nbytes, reason)`
+    records it once (later calls are ignored)."""
+
+    def __init__(self, *, model: str, rank: str) -> None:
+        self.model, self.rank = model, rank
+        self.started = time.monotonic()
+        self.recorded = False
+
+    def done(self, source: str, nbytes: int = 0, reason: str = "") -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        seconds = time.monotonic() - self.started
+        record_load(
+            model=self.model, rank=self.rank, source=source, seconds=seconds, nbytes=nbytes, reason=reason
+        )
+
+
 # --- per node -----------------------------------------------------------------------------------------
 
 _LIVE: set[NodeMetrics] = set()

@@ -180,3 +180,20 @@ def test_fallback_reasons() -> None:
     assert metrics.fallback_reason(StallError("x", missing=[])) == "stall"
     assert metrics.fallback_reason(OSError()) == "node_start"
     assert metrics.fallback_reason(None) == "error"
+
+
+def test_load_timer_records_once() -> None:
+    from prometheus_client import REGISTRY
+
+    timer = metrics.LoadTimer(model="m-timer", rank="tp0/1")
+    timer.done("disk", nbytes=5, reason="stall")
+    timer.done("swarm", nbytes=7)
+    labels = {"model": "m-timer", "rank": "tp0/1"}
+    assert (
+        REGISTRY.get_sample_value("swarm_load_seconds_count", {**labels, "source": "disk", "reason": "stall"})
+        == 1
+    )
+    assert (
+        REGISTRY.get_sample_value("swarm_load_seconds_count", {**labels, "source": "swarm", "reason": ""})
+        is None
+    )
