@@ -134,8 +134,15 @@ def _addresses(resolver: object, name: str) -> list[str]:
     return found[:MAX_RECORDS]
 
 
-def resolve(entry: DnsName, *, server: str | None = None, timeout_s: float = 2.0) -> list[tuple[str, int]]:
-    """The endpoints `entry` names now. Raises dns.exception.DNSException (or OSError) on failure."""
+def resolve(
+    entry: DnsName,
+    *,
+    server: str | None = None,
+    timeout_s: float = 2.0,
+    stop: threading.Event | None = None,
+) -> list[tuple[str, int]]:
+    """The endpoints `entry` names now (what was resolved so far once `stop` is set). Raises
+    dns.exception.DNSException (or OSError) on failure."""
     resolver = _resolver(server, timeout_s)
     if not entry.srv:
         assert entry.port is not None
@@ -144,6 +151,8 @@ def resolve(entry: DnsName, *, server: str | None = None, timeout_s: float = 2.0
     answer = resolver.resolve(entry.name, "SRV")  # type: ignore[attr-defined]
     records = sorted(answer, key=lambda r: (r.priority, -r.weight))[:MAX_RECORDS]
     for rr in records:
+        if stop is not None and stop.is_set():
+            break
         target = str(rr.target).rstrip(".")
         for a in _addresses(resolver, target):
             if (a, int(rr.port)) not in out:
@@ -204,7 +213,7 @@ class DnsPeers:
                 if self._stop.is_set():
                     return
                 try:
-                    found = resolve(entry, server=self._server, timeout_s=self._timeout)
+                    found = resolve(entry, server=self._server, timeout_s=self._timeout, stop=self._stop)
                 except (dns.exception.DNSException, OSError) as e:
                     if entry not in self._failing:
                         log.warning("cannot resolve %s (keeping the last answer): %s", entry, e)
@@ -225,5 +234,5 @@ class DnsPeers:
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            # A query in flight ends within its timeout.
-            self._thread.join(self._timeout + 1.0)
+            # A query in flight ends within its timeout (each lookup of an SRV target checks `_stop`).
+            self._thread.join(2 * self._timeout + 1.0)

@@ -292,8 +292,13 @@ class Peers(Kind):
         'or dns-srv:NAME (its SRV records); in JSON also a list of such strings, e.g. ["10.0.0.5:47100"]'
     )
 
+    max_entries: int = 64
+
     def from_text(self, text: str) -> str:
         from swarm import discovery, dnspeers
+
+        if text.count(",") >= self.max_entries or len(text) > 16 * 1024:
+            raise Invalid(f"more than {self.max_entries} entries")
 
         try:
             dnspeers.parse_dns_peers(text)

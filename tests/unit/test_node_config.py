@@ -57,6 +57,7 @@ def test_node_config_defaults_are_the_schemas() -> None:
         ({"SWARM_PEERS": "host-without-port"}, "SWARM_PEERS=.*missing ':port'"),
         ({"SWARM_PEERS": "dns:bad..name:1"}, "not a valid DNS name"),
         ({"SWARM_PEERS": "dns:svc:99999"}, "port '99999'"),
+        ({"SWARM_PEERS": ",".join(f"h{i}:1" for i in range(65))}, "more than 64 entries"),
         ({"SWARM_METRICS_PORT": "0"}, "SWARM_METRICS_PORT='0' is not valid: out of range 1..65535"),
         ({"SWARM_DNS_SERVER": "dns.example"}, "not an IP address"),
     ],
