@@ -15,8 +15,9 @@ What every node exports (labels `model` and `rank` on each; names as a scrape sh
 
 `swarm_load_seconds` counts from the start of a rank's load to its weights in place, by where they came
 from (`source`: swarm, disk) and, for disk, why the swarm was not used (`reason`: FALLBACK_REASONS).
-`path` is how the bytes moved (`tcp`, `nccl`, `ipc`: the transport's `path_to(peer)` when it has one,
-else its name); `peer_role` is the peer's role when it said hello (`seed`, `leecher`).
+`path` is how the bytes moved (`tcp`, `nccl`, `ipc`: the transport's choice for that peer);
+`peer_role` is the peer's role when it said hello (`seed`, `leecher`). CUDA IPC reads are one-sided: the
+reader counts them as received, the seed does not see them, so they are not in its sent bytes.
 
 Where to read them: `serve(host, port)` (SWARM_METRICS_PORT; a node starts it itself) answers
 `GET /metrics` with prometheus_client's default registry (these metrics plus the process's). In vLLM,

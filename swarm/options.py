@@ -33,6 +33,8 @@ from swarm.errors import ConfigError
 #: The control port a member listens on unless told otherwise (rank r of a vLLM instance: + r), so that a
 #: Kubernetes Service or a firewall rule can name it. Taken (several members on one host): a random port.
 DEFAULT_CONTROL_PORT = 47100
+#: The data paths a member can be limited to ("auto": the best per pair; swarm.transport.auto).
+TRANSPORTS = ("auto", "tcp", "ipc", "nccl")
 
 _DECIMAL = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -412,11 +414,14 @@ _OPTIONS = [
            default_text=f"`{DEFAULT_CONTROL_PORT}`, a random port if taken"),
     Option("metrics_port", Port(), None, "port of this node's Prometheus `/metrics` (rank r: + r)",
            env="SWARM_METRICS_PORT", flag="--metrics-port", default_text="off"),
-    Option("transport", Text(choices=("tcp", "nccl")), "tcp", "`tcp` (host memory, any machine) or "
-           "`nccl` (GPU memory)", env="SWARM_TRANSPORT", flag="--transport"),
+    Option("transport", Text(choices=TRANSPORTS), "auto", "`auto`: every path this member can use, the "
+           "best one chosen per pair of members (CUDA IPC on one host between GPUs, NCCL between GPUs that "
+           "IPC cannot join, TCP otherwise; `swarm status` shows each pair's path); or `tcp`, `ipc`, `nccl` "
+           "to force one", env="SWARM_TRANSPORT", flag="--transport"),
     Option("piece_size", Size(minimum=1024, maximum=2**32), None, "bytes per piece; all members of a swarm "
-           "must agree (it is part of the manifest)", env="SWARM_PIECE_SIZE", flag="--piece-size",
-           default_text="64 MiB (256 MiB over NCCL); the vLLM loader: less for small models"),
+           "must agree (it is part of the manifest): a swarm that mixes host-memory and GPU members needs "
+           "one piece size (and one checksum algorithm) for all", env="SWARM_PIECE_SIZE", flag="--piece-size",
+           default_text="64 MiB, 256 MiB for members with GPU tensors; the vLLM loader: less for small models"),
     Option("discovery_timeout_s", _SECONDS, 5.0, "seconds to find a usable peer before giving up "
            "(`NoSeedError`; the vLLM loader then loads from disk)", env="SWARM_DISCOVERY_TIMEOUT",
            flag="--discovery-timeout"),

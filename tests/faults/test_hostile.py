@@ -33,6 +33,7 @@ from tests.faults.harness import (
     resources,
     seed_node,
     swarm_threads,
+    tcp_of,
     wrong_bytes,
 )
 from tests.loopback import wait_until
@@ -286,7 +287,7 @@ def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
                 name = f"stranger{i}".encode()
                 s.sendall(bytes([len(name)]) + name)
                 time.sleep(0.01)
-        t = seed.transport
+        t = tcp_of(seed)
         wait_until(lambda: not t._senders, 5, "the seed to free the strangers' channels")  # type: ignore[attr-defined]
         wait_until(lambda: len(swarm_threads()) <= before[0], 5, "their threads to end")
         assert resources().fds <= before[1] + 2
