@@ -421,7 +421,7 @@ _OPTIONS = [
     Option("piece_size", Size(minimum=1024, maximum=2**32), None, "bytes per piece; all members of a swarm "
            "must agree (it is part of the manifest): a swarm that mixes host-memory and GPU members needs "
            "one piece size (and one checksum algorithm) for all", env="SWARM_PIECE_SIZE", flag="--piece-size",
-           default_text="64 MiB, 256 MiB for members with GPU tensors; the vLLM loader: less for small models"),
+           default_text="64 MiB, 256 MiB with GPU tensors; the vLLM loader: less for small models"),
     Option("discovery_timeout_s", _SECONDS, 5.0, "seconds to find a usable peer before giving up "
            "(`NoSeedError`; the vLLM loader then loads from disk)", env="SWARM_DISCOVERY_TIMEOUT",
            flag="--discovery-timeout"),
