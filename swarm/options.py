@@ -113,6 +113,8 @@ class Text(Kind):
     choices: tuple[str, ...] = ()
     max_len: int = 1024
     expect_text: str = "a non-empty string"
+    #: what a value names, for "unknown transport 'x'"
+    noun: str = "value"
 
     @property
     def expect(self) -> str:  # type: ignore[override]
@@ -128,7 +130,7 @@ class Text(Kind):
         if len(value) > self.max_len:
             raise Invalid(f"longer than {self.max_len} characters")
         if self.choices and value not in self.choices:
-            raise Invalid(f"unknown value {value!r}")
+            raise Invalid(f"unknown {self.noun} {value!r}")
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class Seconds(Kind):
 
     @property
     def expect(self) -> str:  # type: ignore[override]
-        return f"a positive number of seconds (at most {self.maximum:g})"
+        return f"a positive number of seconds, at most {self.maximum:.0f}"
 
     def from_text(self, text: str) -> float:
         t = text.strip().removesuffix("s")
@@ -211,7 +213,7 @@ class Seconds(Kind):
         if not math.isfinite(value) or value <= 0:
             raise Invalid("not a positive number")
         if value > self.maximum:
-            raise Invalid(f"more than {self.maximum:g} s")
+            raise Invalid(f"more than {self.maximum:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -414,7 +416,7 @@ _OPTIONS = [
            default_text=f"`{DEFAULT_CONTROL_PORT}`, a random port if taken"),
     Option("metrics_port", Port(), None, "port of this node's Prometheus `/metrics` (rank r: + r)",
            env="SWARM_METRICS_PORT", flag="--metrics-port", default_text="off"),
-    Option("transport", Text(choices=TRANSPORTS), "auto", "`auto`: every path this member can use, the "
+    Option("transport", Text(choices=TRANSPORTS, noun="transport"), "auto", "`auto`: every path this member can use, the "
            "best one chosen per pair of members (CUDA IPC on one host between GPUs, NCCL between GPUs that "
            "IPC cannot join, TCP otherwise; `swarm status` shows each pair's path); or `tcp`, `ipc`, `nccl` "
            "to force one", env="SWARM_TRANSPORT", flag="--transport"),

@@ -41,7 +41,7 @@ def test_node_config_defaults_are_the_schemas() -> None:
     [
         ({"SWARM_PIECE_SIZE": "lots"}, "SWARM_PIECE_SIZE='lots' is not valid: not a size"),
         ({"SWARM_MDNS": "maybe"}, "SWARM_MDNS='maybe' is not valid"),
-        ({"SWARM_TRANSPORT": "carrier-pigeon"}, "unknown value 'carrier-pigeon'.*auto, tcp, ipc, nccl"),
+        ({"SWARM_TRANSPORT": "carrier-pigeon"}, "unknown transport 'carrier-pigeon'.*auto, tcp, ipc, nccl"),
         ({"SWARM_DEADLINE": "-1"}, "SWARM_DEADLINE='-1' is not valid: not a positive number"),
         ({"SWARM_DEADLINE": "nan"}, "SWARM_DEADLINE='nan'"),
         ({"SWARM_PORT": "70000"}, "SWARM_PORT='70000' is not valid: out of range"),
