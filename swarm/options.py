@@ -418,8 +418,8 @@ _OPTIONS = [
            env="SWARM_METRICS_PORT", flag="--metrics-port", default_text="off"),
     Option("transport", Text(choices=TRANSPORTS, noun="transport"), "auto", "`auto`: every path this "
            "member can use, the best one chosen per pair of members (CUDA IPC on one host between GPUs, "
-           "NCCL between GPUs that IPC cannot join, TCP otherwise; `swarm status` shows each pair's path); or `tcp`, `ipc`, `nccl` "
-           "to force one", env="SWARM_TRANSPORT", flag="--transport"),
+           "NCCL between GPUs that IPC cannot join, TCP otherwise; `swarm status` shows each pair's "
+           "path); or `tcp`, `ipc`, `nccl` to force one", env="SWARM_TRANSPORT", flag="--transport"),
     Option("piece_size", Size(minimum=1024, maximum=2**32), None, "bytes per piece; all members of a swarm "
            "must agree (it is part of the manifest): a swarm that mixes host-memory and GPU members needs "
            "one piece size (and one checksum algorithm) for all", env="SWARM_PIECE_SIZE", flag="--piece-size",
