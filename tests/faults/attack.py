@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from swarm import protocol as P
+from swarm.identity import Identity
 from tests.faults.harness import HOST, RawClient
 
 
@@ -149,31 +150,62 @@ def replay(port: int, frames: list[bytes], wait_s: float = 1.5) -> list[bytes]:
 
 
 class Member:
-    """A control-plane client that speaks the protocol (with `token`, or open): sends messages or
-    (type, fields) pairs that bypass the dataclasses, and decodes what comes back."""
+    """A control-plane client that speaks the protocol as a member would (with `token`, or open): runs
+    the session handshake under its own key, then sends messages or (type, fields) pairs that bypass the
+    dataclasses, and decodes what comes back."""
 
-    def __init__(self, port: int, token: str | None) -> None:
-        self.codec = P.Codec(token)
+    def __init__(self, port: int, token: str | None, *, handshake: bool = True) -> None:
+        self.identity = Identity()
+        self.id = self.identity.id
+        self.session = P.Session(P.Codec(token), self.identity, dialer=True)
         self.raw = RawClient(port)
+        #: messages that came before the session was up (unauthenticated Errors)
+        self.early: list[P.Message] = []
+        if handshake:
+            self.handshake()
+
+    def handshake(self, wait_s: float = 5.0) -> None:
+        self.raw.send(self.session.open())
+        end = time.monotonic() + wait_s
+        while not self.session.established:
+            if time.monotonic() > end:
+                raise AssertionError(f"no session with port {self.raw.port} within {wait_s:.0f} s")
+            for f in self.raw.replies(wait_s=0.1, limit=1):
+                msg, answer = self.session.receive(f)
+                if answer is not None:
+                    self.raw.send(answer)
+                elif msg is not None:
+                    self.early.append(msg)
 
     def send(self, msg: P.Message) -> None:
-        self.raw.send(self.codec.encode(msg))
+        self.raw.send(self.session.encode(msg))
 
     def send_fields(self, kind: str, fields: dict[str, Any]) -> None:
-        from tests.faults.hostile import encode_any
-
-        frame = encode_any(self.codec, (kind, fields))
-        assert frame is not None
-        self.raw.send(frame)
+        self.raw.send(self.session.seal(msgpack.packb([kind, fields], use_bin_type=True)))
 
     def received(self, wait_s: float = 0.5) -> list[P.Message]:
         out = []
         for f in self.raw.replies(wait_s=wait_s):
             try:
-                out.append(self.codec.decode(f))
+                msg, _ = self.session.receive(f)
             except P.ProtocolError:
                 continue
+            if msg is not None:
+                out.append(msg)
         return out
 
     def close(self) -> None:
         self.raw.close()
+
+
+def sealed_elsewhere(token: str | None) -> P.Session:
+    """A session established with someone else (in memory): its frames are valid on that link only."""
+    codec = P.Codec(token)
+    dialer = P.Session(codec, Identity(), dialer=True)
+    listener = P.Session(codec, Identity(), dialer=False)
+    _, accept = listener.receive(dialer.open())
+    assert accept is not None
+    _, confirm = dialer.receive(accept)
+    assert confirm is not None
+    listener.receive(confirm)
+    return dialer

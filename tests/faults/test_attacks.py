@@ -58,8 +58,9 @@ def sniffing(port: int) -> Iterator[Sniffer]:
 
 
 def _answered(answers: list[bytes], *fields: bytes) -> list[str]:
-    """The types of the answers that carry any of `fields` (msgpack keys, found as bytes)."""
-    return [frame_type(a) for a in answers if any(t in a for t in fields)]
+    """The types of the answers other than errors that carry any of `fields` (msgpack keys, found as
+    bytes)."""
+    return [frame_type(a) for a in answers if any(t in a for t in fields) and frame_type(a) != "error"]
 
 
 # --- replay ---------------------------------------------------------------------------------------
@@ -164,14 +165,19 @@ def test_outsider_cannot_take_over_a_members_data_channel() -> None:
 def _absurd_manifest(node: Node) -> dict[str, object]:
     """About 100 bytes that claim 2^20 pieces (the most the codec allows): seconds to cut."""
     return {
-        "manifest": {"piece_size": 1, "checksum": node.manifest.checksum, "tensors": [["w", "uint8", [1 << 20], 1 << 20]]},
+        "manifest": {
+            "piece_size": 1,
+            "checksum": node.manifest.checksum,
+            "tensors": [["w", "uint8", [1 << 20], 1 << 20]],
+        },
         "checksums": [],
     }
 
 
-def _hello_as(node: Node, peer_id: str, **changes: object) -> P.Hello:
+def _hello_as(node: Node, member: Member, **changes: object) -> P.Hello:
+    """A Hello of `member` into `node`'s swarm."""
     h = node._hello()
-    values = {**h.__dict__, "peer_id": peer_id, "data": {"ctl": 1, "port": 1, "addrs": [HOST]}, **changes}
+    values = {**h.__dict__, "peer_id": member.id, "data": {"ctl": 1, "port": 1, "addrs": [HOST]}, **changes}
     return P.Hello(**values)  # type: ignore[arg-type]
 
 
@@ -182,8 +188,9 @@ def test_manifest_replies_cannot_hold_a_fetch_past_its_deadline() -> None:
         run = FetchRun(leecher).start()
         member = Member(leecher.control_port, TOKEN)
         try:
-            member.send(_hello_as(leecher, "a" * 12, manifest_digest="0" * 16, role="seed"))
-            for _ in range(3):
+            member.send(_hello_as(leecher, member, manifest_digest="0" * 16, role="seed"))
+            assert any(isinstance(m, P.ManifestQuery) for m in member.received(1.0))
+            for _ in range(3):  # one answer, then two more nobody asked for
                 member.send_fields("manifest", _absurd_manifest(leecher))
             run.wait(deadline + 3)
         finally:
@@ -198,7 +205,7 @@ def test_manifest_replies_do_not_freeze_a_seed() -> None:
     with closing(seed_node(token=TOKEN)) as (seed,):
         member = Member(seed.control_port, TOKEN)
         try:
-            member.send(_hello_as(seed, "b" * 12, manifest_digest="0" * 16, role="leecher"))
+            member.send(_hello_as(seed, member, manifest_digest="0" * 16, role="leecher"))
             for _ in range(3):
                 member.send_fields("manifest", _absurd_manifest(seed))
             time.sleep(0.2)
@@ -275,7 +282,7 @@ def test_open_swarm_unsolicited_checksums_do_not_get_the_honest_seed_blamed() ->
         member = Member(leecher.control_port, None)
         try:
             zeros = _zero_checksums(leecher)
-            member.send(_hello_as(leecher, "c" * 12, role="seed", content_digest=content_digest(zeros)))
+            member.send(_hello_as(leecher, member, role="seed", content_digest=content_digest(zeros)))
             member.send(P.ManifestReply(leecher.manifest.to_wire(), zeros))
             time.sleep(0.3)
             honest = seed_node(control_port=port)

@@ -21,13 +21,13 @@ from swarm.errors import FetchError
 from swarm.node import Node
 from swarm.transport.tcp import NONCE_SIZE, TcpTransport
 from tests.faults import hostile
+from tests.faults.attack import Member, sealed_elsewhere
 from tests.faults.harness import (
     HOST,
     FetchRun,
     RawClient,
     alive,
     closing,
-    decoded,
     leecher_node,
     peers_of,
     resources,
@@ -95,7 +95,8 @@ def stranger_driver(seed: Node) -> Iterator[hostile.Driver]:
 def _insider(driver: hostile.Driver, data: st.DataObject) -> None:
     target = driver.target()
     items = data.draw(hostile.insider_messages(target))
-    frames = [f for f in (hostile.encode_any(driver.codec, i) for i in items) if f is not None]
+    session = driver.session()
+    frames = [f for f in (hostile.encode_any(session, i) for i in driver.as_member(items)) if f is not None]
     try:
         driver.run(frames)
     except AssertionError as e:
@@ -117,10 +118,11 @@ def test_insider_fuzz_never_kills_a_leecher(leecher_driver: hostile.Driver, data
 @FUZZ
 @given(data=st.data())
 def test_stranger_gets_only_errors(stranger_driver: hostile.Driver, data: st.DataObject) -> None:
-    codec = P.Codec(TOKEN)
-    valid = [codec.encode(m) for m in (P.StatusQuery(), P.Request(0), stranger_driver.node._hello())]
+    other = sealed_elsewhere(TOKEN)  # frames of another member's session: a recording
+    valid = [other.encode(m) for m in (P.StatusQuery(), P.Request(0), stranger_driver.node._hello())]
     frames = data.draw(hostile.stranger_frames(TOKEN, valid))
-    replies = stranger_driver.run(frames)
+    stranger_driver.session()
+    replies = stranger_driver.run(frames, stranger=True)
     answers = [m for m in replies if not isinstance(m, P.StatusReply)]
     assert all(isinstance(m, P.Error) for m in answers), answers
     assert len(answers) == len(frames)  # every bad frame answered with an error, nothing more
@@ -144,18 +146,17 @@ def test_report_inputs_tried(seed: Node, leecher: Node) -> None:
 def test_manifest_reply_with_absurd_piece_count_is_refused_cheaply() -> None:
     """Found by the insider fuzz: 'a 2^48-byte tensor in 1-byte pieces' hung the control loop in
     Manifest.from_wire (cutting is linear in the piece count). The codec now bounds it first."""
-    codec = P.Codec(TOKEN)
-    frame = hostile.encode_any(
-        codec,
-        (
+    import msgpack
+
+    payload = msgpack.packb(
+        [
             "manifest",
             {"manifest": {"piece_size": 1, "tensors": [["w", "uint8", [1 << 48], 1 << 48]]}, "checksums": []},
-        ),
+        ]
     )
-    assert frame is not None
     t0 = time.monotonic()
     with pytest.raises(P.ProtocolError, match="pieces"):
-        codec.decode(frame)
+        P.decode_payload(payload)
     assert time.monotonic() - t0 < 0.1
 
 
@@ -170,22 +171,22 @@ def test_oversized_frame_drops_only_that_connection(seed: Node) -> None:
 
 
 def test_unknown_version_and_missing_hmac_are_refused(seed: Node) -> None:
-    client = RawClient(seed.control_port)
-    try:
-        body = P.Codec(TOKEN).encode(P.StatusQuery())
-        import msgpack
+    import msgpack
 
-        env = msgpack.unpackb(body, raw=False)
+    member = Member(seed.control_port, TOKEN)
+    try:
+        env = msgpack.unpackb(member.session.encode(P.StatusQuery()), raw=False)
         env[1] = P.VERSION + 1
-        client.send(msgpack.packb(env, use_bin_type=True))
-        client.send(P.Codec(None).encode(P.StatusQuery()))
-        client.send(P.Codec("wrong").encode(P.StatusQuery()))
-        replies = decoded(client.replies(wait_s=2.0, limit=3), P.Codec(TOKEN))
+        member.raw.send(msgpack.packb(env, use_bin_type=True))
+        env[1], env[2], env[4] = P.VERSION, env[2] + 1, None
+        member.raw.send(msgpack.packb(env, use_bin_type=True))
+        member.raw.send(sealed_elsewhere("wrong").encode(P.StatusQuery()))
+        replies = member.received(wait_s=2.0)
         assert [type(m) for m in replies] == [P.Error] * 3, replies
         assert "version" in replies[0].message  # type: ignore[attr-defined]
         assert "unsigned" in replies[1].message and "signature" in replies[2].message  # type: ignore[attr-defined]
     finally:
-        client.close()
+        member.close()
 
 
 def _data_port(node: Node) -> int:
