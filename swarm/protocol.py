@@ -586,7 +586,10 @@ class Session:
             return decode_payload(payload, pieces), None
         if len(payload) > _MAX_HANDSHAKE:
             raise ProtocolError("no session: open one first")
-        msg = decode_payload(payload, None, {**HANDSHAKE, Error.TYPE: Error})
+        try:
+            msg = decode_payload(payload, None, {**HANDSHAKE, Error.TYPE: Error})
+        except ProtocolError as e:
+            raise ProtocolError(f"no session: open one first ({e})") from None
         if isinstance(msg, Error):
             if self.dialer and seq == 0 and mac is None:
                 return msg, None  # unauthenticated: the node only logs it and drops the link
@@ -639,6 +642,20 @@ class Session:
                 f"message {seq} after {self._received}: replayed or reordered", hint="a recorded frame?"
             )
         self._received = seq
+
+
+def connected_pair(token: str | None = None) -> tuple[Session, Session]:
+    """Two ends of one link, handshake done in memory: (dialer, listener). For code that passes messages
+    without sockets (tests, in-process benchmarks)."""
+    codec = Codec(token)
+    dialer = Session(codec, Identity(), dialer=True)
+    listener = Session(codec, Identity(), dialer=False)
+    _, accept = listener.receive(dialer.open())
+    assert accept is not None
+    _, confirm = dialer.receive(accept)
+    assert confirm is not None
+    listener.receive(confirm)
+    return dialer, listener
 
 
 def _compare(mac: Any, expected: bytes | None) -> None:
