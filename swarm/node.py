@@ -87,7 +87,9 @@ _MAX_VOTES = 1024
 class NodeConfig:
     """Options of a node. `from_env` reads the SWARM_* environment variables as defaults."""
 
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
+    #: a file holding the token (so the secret never appears in a command line or printed arguments)
+    token_file: str | None = None
     peers: str | None = None
     interface: str | None = None
     transport: str = "tcp"
@@ -112,6 +114,7 @@ class NodeConfig:
 
     ENV: ClassVar[dict[str, str]] = {
         "token": "SWARM_TOKEN",
+        "token_file": "SWARM_TOKEN_FILE",
         "peers": "SWARM_PEERS",
         "interface": "SWARM_INTERFACE",
         "transport": "SWARM_TRANSPORT",
@@ -127,6 +130,13 @@ class NodeConfig:
     }
 
     def __post_init__(self) -> None:
+        if self.token_file is not None:
+            if self.token:
+                raise ConfigError(
+                    "both a token and a token file are set",
+                    hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both",
+                )
+            object.__setattr__(self, "token", P.read_token_file(self.token_file))
         if self.transport not in ("tcp", "nccl"):
             raise ConfigError(f"unknown transport {self.transport!r}", hint="use 'tcp' or 'nccl'")
         for name in (

@@ -10,16 +10,24 @@ itself, so the loader and the `swarm` command line accept exactly the same value
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swarm.node import NodeConfig
+
+logger = logging.getLogger("vllm_plugin.options")
 
 #: Node options: JSON key -> (environment variable, accepted JSON kind). Passed to NodeConfig.from_env.
 NODE_OPTIONS: dict[str, tuple[str, str]] = {
     "token": ("SWARM_TOKEN", "str"),
+    "token_file": ("SWARM_TOKEN_FILE", "str"),
     "peers": ("SWARM_PEERS", "peers"),
     "interface": ("SWARM_INTERFACE", "str"),
     "transport": ("SWARM_TRANSPORT", "str"),
@@ -39,6 +47,7 @@ LOADER_OPTIONS: dict[str, tuple[str, str, Any]] = {
     "fallback": ("SWARM_FALLBACK", "bool", True),
     "serve": ("SWARM_SERVE", "bool", True),
     "verify": ("SWARM_VERIFY", "bool", True),
+    "allow_open": ("SWARM_ALLOW_OPEN", "bool", False),
 }
 
 #: Keys passed through to vLLM's default loader when it loads from disk.
@@ -63,6 +72,7 @@ class LoaderOptions:
     fallback: bool = True
     serve: bool = True
     verify: bool = True
+    allow_open: bool = False
     disk: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -190,6 +200,31 @@ def _size(where: str, text: str) -> int:
     except ValueError:
         raise _bad(where, text, "size") from None
     return int(value * mult)
+
+
+def check_open_swarm(config: NodeConfig, allow_open: bool) -> None:
+    """Refuse an open swarm (no token) that would listen beyond this host, unless `allow_open`; log
+    loudly whenever the swarm is open. Call before the node starts (see docs/reliability.md, threat
+    model: without a token, anyone who reaches the ports may join, read the weights, and deny service)."""
+    if config.token:
+        return
+    where = config.host or config.interface or "0.0.0.0"
+    try:
+        loopback = where == "lo" or where == "localhost" or ipaddress.ip_address(where).is_loopback
+    except ValueError:  # an interface name other than lo
+        loopback = False
+    if not loopback and not allow_open:
+        raise ConfigError(
+            f"the swarm is open (no token) and would listen on {where}, reachable from the network: "
+            "anyone there could join it, read the weights and disturb loading",
+            hint="set SWARM_TOKEN_FILE (or SWARM_TOKEN) to the same secret on every instance, or accept "
+            'an open swarm on a trusted network with {"allow_open": true} (SWARM_ALLOW_OPEN=1)',
+        )
+    logger.warning(
+        "vllm-swarm: the swarm is OPEN (no token) on %s: members are not authenticated; "
+        "set SWARM_TOKEN_FILE on every instance to close it",
+        where,
+    )
 
 
 def auto_piece_size(total_bytes: int) -> int:
