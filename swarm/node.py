@@ -11,12 +11,17 @@ end of a link may request pieces over it: a ROUTER answers to the DEALER's ident
 always dialed by the receiving side to the sending side's data port (the addresses travel in Hello), so one
 link per pair suffices and duplicates are harmless. Seeds never dial.
 
-Handshake on a link: both sides send Hello (swarm key, manifest digest, content digest, data-plane
-parameters). A different swarm key is refused with an `Error("wrong_key")`; a different manifest is
-fetched (`ManifestQuery`) only to report a readable difference, then refused; a leecher without piece
-checksums takes them from the first peer whose content digest matches its manifest. A peer is *accepted*
-(known to the scheduler) only after these checks. Pieces are checked against the checksums before they
-are announced (Have) or served.
+Handshake on a link: first a session (swarm/protocol.py `Session`: nonces, Ed25519 keys, with a token
+MACs), so every frame is bound to its link and each end knows the other's id for certain; a Hello under
+another id than the session's is refused. Then both sides send Hello (swarm key, manifest digest, content
+digest, data-plane parameters). A different swarm key is refused with an `Error("wrong_key")`; a
+different manifest is fetched (`ManifestQuery`) only to report a readable difference, then refused. A
+`ManifestReply` is read only as the answer to our own query, and compared in wire form (never cut into
+pieces). A leecher without piece checksums takes them, with a token, from the first peer whose content
+digest matches its manifest; without one (an open swarm), only for the content digest a strict majority
+of the members it met announce, and it fails the fetch with `ManifestMismatchError` when none has one
+(docs/reliability.md, threat model). A peer is *accepted* (known to the scheduler) only after these
+checks. Pieces are checked against the checksums before they are announced (Have) or served.
 
 Liveness: any message proves a peer alive; idle links are pinged every `peer_timeout_s / 3`; a peer silent
 for `peer_timeout_s`, or whose data channel broke, is dropped: its requests go elsewhere, its transport
@@ -25,7 +30,8 @@ resources are freed, and it may be dialed again if it is still advertised (after
 Failure, never a hang: `fetch()` raises `NoSeedError` when no usable peer is found within
 `discovery_timeout_s` (`ManifestMismatchError` when every peer found holds another manifest),
 `StallError` when no piece arrived for `stall_timeout_s`, when some missing pieces have been held by no
-live peer for `discovery_timeout_s`, or past `deadline_s`; the node stays up so the caller can load
+live peer for `discovery_timeout_s`, or past `deadline_s` (checked in the caller's thread too, so it holds
+whatever the control loop is doing); the node stays up so the caller can load
 elsewhere and call `mark_complete()`. `close()` withdraws the advert, says goodbye, and ends every
 thread and socket within bounded time.
 """
