@@ -201,3 +201,26 @@ class Member:
 def sealed_elsewhere(token: str | None) -> P.Session:
     """A session established with someone else (in memory): its frames are valid on that link only."""
     return P.connected_pair(token)[0]
+
+
+def data_credentials(nonce: bytes, listener_id: str, token: str | None = None) -> tuple[str, bytes]:
+    """Valid data-channel credentials of a new member of our own (a fresh key), for a listener's nonce:
+    (its id, the bytes to send). Made by the transport's own code."""
+    from swarm.transport.tcp import TcpTransport
+
+    t = TcpTransport(token=token)
+    t.identity = Identity()
+    t.peer_id = t.identity.id
+    return t.peer_id, t._credentials(nonce, listener_id)
+
+
+def read_nonce(sock: socket.socket) -> bytes:
+    from swarm.transport.tcp import NONCE_SIZE
+
+    nonce = b""
+    while len(nonce) < NONCE_SIZE:
+        chunk = sock.recv(NONCE_SIZE - len(nonce))
+        if not chunk:
+            break
+        nonce += chunk
+    return nonce

@@ -25,8 +25,8 @@ from swarm.errors import ManifestMismatchError, StallError
 from swarm.manifest import content_digest
 from swarm.node import Node
 from swarm.synthetic import synthetic_key, synthetic_tensors
-from swarm.transport.tcp import NONCE_SIZE
-from tests.faults.attack import Member, Sniffer, frame_type, replay
+from swarm.transport.tcp import NONCE_SIZE, TcpTransport
+from tests.faults.attack import Member, Sniffer, frame_type, read_nonce, replay
 from tests.faults.harness import (
     HOST,
     SIZE,
@@ -154,6 +154,47 @@ def test_outsider_cannot_take_over_a_members_data_channel() -> None:
                     break
                 got += len(chunk)
         assert got == 0, f"the outsider received {got} bytes meant for {victim.id}"
+        run.wait(40)
+        assert run.error is None, run.error
+        assert wrong_bytes(dict(victim.tensors)) == 0
+
+
+class RecordingTcp(TcpTransport):
+    """A member's transport that keeps the data-channel credentials it sent (what a sniffer would see)."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.sent_credentials: list[bytes] = []
+
+    def _credentials(self, *args: str | bytes) -> bytes:
+        out: bytes = super()._credentials(*args)  # type: ignore[arg-type]
+        self.sent_credentials.append(out)
+        return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("token", [TOKEN, None])
+def test_recorded_data_credentials_are_worth_nothing(token: str | None) -> None:
+    """A member's data-channel credentials, recorded and sent again on a new connection while it
+    fetches: the seed keeps the member's channel and gives the replayer nothing."""
+    with closing(seed_node(token=token, rate_cap=2e6)) as nodes:
+        seed = nodes[0]
+        recording = RecordingTcp(token=token)
+        victim = leecher_node(token=token, transport=recording, peers=peers_of(seed), stall_timeout_s=8.0)
+        nodes.append(victim)
+        run = FetchRun(victim).start()
+        wait_until(lambda: progress(victim) > 0, 15, "the victim's first piece")
+        channel = seed.transport._senders[victim.id]  # type: ignore[attr-defined]
+        with socket.create_connection((HOST, int(seed.data_params["port"])), timeout=3) as s:
+            read_nonce(s)
+            s.sendall(recording.sent_credentials[0])
+            s.settimeout(2.0)
+            try:
+                got = s.recv(1 << 16)
+            except (TimeoutError, OSError):
+                got = b""
+        assert got == b"", f"the replayer received {len(got)} bytes"
+        assert seed.transport._senders.get(victim.id) is channel  # type: ignore[attr-defined]
         run.wait(40)
         assert run.error is None, run.error
         assert wrong_bytes(dict(victim.tensors)) == 0

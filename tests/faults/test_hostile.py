@@ -21,7 +21,7 @@ from swarm.errors import FetchError, ManifestMismatchError
 from swarm.node import Node
 from swarm.transport.tcp import NONCE_SIZE, TcpTransport
 from tests.faults import hostile
-from tests.faults.attack import Member, sealed_elsewhere
+from tests.faults.attack import Member, data_credentials, read_nonce, sealed_elsewhere
 from tests.faults.harness import (
     HOST,
     FetchRun,
@@ -278,18 +278,17 @@ def test_flood_of_bad_frames_does_not_starve_honest_peers() -> None:
 
 @pytest.mark.timeout(60)
 def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
-    """Without a token, anyone may open a data channel under any name; one that the control plane
-    never accepted must still be freed (thread and socket) once its client hangs up, and so must the
-    channel of a leecher that dies without a word."""
+    """Without a token, anyone may open a data channel under an id of its own (a key it made); one that
+    the control plane never accepted must still be freed (thread and socket) once its client hangs up,
+    and so must the channel of a leecher that dies without a word."""
     with closing(seed_node()) as (seed,):
         before = (len(swarm_threads()), resources().fds)
-        for i in range(20):
-            with socket.create_connection((HOST, _data_port(seed)), timeout=3) as s:
-                s.recv(NONCE_SIZE)
-                name = f"stranger{i}".encode()
-                s.sendall(bytes([len(name)]) + name)
-                time.sleep(0.01)
         t = seed.transport
+        for _ in range(20):
+            with socket.create_connection((HOST, _data_port(seed)), timeout=3) as s:
+                name, credentials = data_credentials(read_nonce(s), seed.id)
+                s.sendall(credentials)
+                wait_until(lambda n=name: n in t._senders, 5, "the stranger's channel")  # type: ignore[attr-defined]
         wait_until(lambda: not t._senders, 5, "the seed to free the strangers' channels")  # type: ignore[attr-defined]
         wait_until(lambda: len(swarm_threads()) <= before[0], 5, "their threads to end")
         assert resources().fds <= before[1] + 2
