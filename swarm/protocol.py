@@ -193,7 +193,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Hello(Message):
-    """First message both ways: who I am, which swarm, what I hold, where my data plane listens."""
+    """First message both ways once the session is up: who I am (the session's proven id), which swarm,
+    what I hold, where my data plane listens."""
 
     TYPE: ClassVar[str] = "hello"
     SCHEMA: ClassVar[Mapping[str, Check]] = {
