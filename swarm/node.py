@@ -87,6 +87,8 @@ _MAX_LOOSE_SESSIONS = 1024
 #: it takes the checksums of a digest that only one member holds (two agreeing members need no wait).
 _OPEN_QUORUM_S = 1.0
 _MAX_VOTES = 1024
+#: distinct checksum lists kept while undecided (each as long as the manifest's piece count)
+_MAX_OFFERED = 16
 
 
 @dataclass(frozen=True)
@@ -903,7 +905,9 @@ class Node:
         if self.checksums is None:
             if self.codec.authenticated:
                 self._adopt(list(msg.checksums), now)  # a token holder is trusted with the checksums
-            else:
+            elif peer.hello.content_digest and (
+                peer.hello.content_digest in self._offered or len(self._offered) < _MAX_OFFERED
+            ):
                 self._offered.setdefault(peer.hello.content_digest, list(msg.checksums))
                 self._decide(now)
             return
