@@ -49,7 +49,7 @@ MAX_LIST = 1 << 20
 MAX_MAP = 256
 MAC_SIZE = 32
 NONCE_SIZE = 16
-_MAX_HANDSHAKE = 512
+_MAX_HANDSHAKE = 1024  # handshake frames are < 200 bytes; pre-session errors up to ~600
 ROLES = ("seed", "leecher")
 
 
