@@ -183,7 +183,7 @@ def leechers_killed(rec: Record, rounds: int) -> None:
                     os.kill(p.pid, signal.SIGKILL)
                 t0 = time.monotonic()
                 rec.runs += len(procs)
-                t = seed.transport
+                t = H.tcp_of(seed)
 
                 def freed() -> bool:
                     return not seed._peers and not t._senders and H.swarm_threads() == threads  # noqa: B023

@@ -35,6 +35,7 @@ STATUS_COLUMNS = [
     ("up_Bps", "up"),
     ("down_Bps", "down"),
     ("peers", "peers"),
+    ("paths", "paths (peer: data path)"),
     ("uptime_s", "uptime"),
 ]
 
@@ -110,6 +111,8 @@ def _fmt(key: str, value: Any) -> str:
         return _rate(float(value))
     if key == "pieces" and isinstance(value, int):
         return str(value)
+    if key == "paths" and isinstance(value, dict):
+        return ", ".join(f"{str(peer)[:6]}: {path}" for peer, path in sorted(value.items())) or "-"
     if key == "uptime_s":
         s = int(value)
         return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -69,6 +69,7 @@ from swarm.identity import Identity
 from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, content_digest, piece_checksums
 from swarm.scheduler import Cancel, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
 from swarm.transport.base import Events, Transport
+from swarm.transport.paths import Offer
 
 log = logging.getLogger("swarm.node")
 
@@ -91,6 +92,9 @@ _MAX_VOTES = 1024
 _MAX_OFFERED = 16
 
 
+TRANSPORTS = ("auto", "tcp", "ipc", "nccl")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Options of a node. `from_env` reads the SWARM_* environment variables as defaults."""
@@ -100,8 +104,10 @@ class NodeConfig:
     token_file: str | None = None
     peers: str | None = None
     interface: str | None = None
-    transport: str = "tcp"
-    #: 0: the transport's default (64 MiB over TCP, 256 MiB over NCCL; see their docstrings)
+    #: "auto": every path this member can use, the best chosen per pair (swarm.transport.auto); or one
+    #: of "tcp", "ipc", "nccl" for that transport alone
+    transport: str = "auto"
+    #: 0: the transport's default (64 MiB over TCP, 256 MiB between GPUs; see their docstrings)
     piece_size: int = 0
     discovery_timeout_s: float = 5.0
     stall_timeout_s: float = 30.0
@@ -145,8 +151,10 @@ class NodeConfig:
                     hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both",
                 )
             object.__setattr__(self, "token", P.read_token_file(self.token_file))
-        if self.transport not in ("tcp", "nccl"):
-            raise ConfigError(f"unknown transport {self.transport!r}", hint="use 'tcp' or 'nccl'")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(
+                f"unknown transport {self.transport!r}", hint=f"use one of {', '.join(TRANSPORTS)}"
+            )
         for name in (
             "discovery_timeout_s",
             "stall_timeout_s",
@@ -165,23 +173,32 @@ class NodeConfig:
         if self.rate_cap is not None and self.rate_cap <= 0:
             raise ConfigError(f"rate_cap must be > 0 bytes/s, got {self.rate_cap}")
 
-    @property
-    def effective_piece_size(self) -> int:
+    def gpu_to_gpu(self, on_gpu: bool) -> bool:
+        """Whether pieces move GPU to GPU (a GPU transport, or "auto" with tensors in GPU memory)."""
+        return self.transport in ("nccl", "ipc") or (self.transport == "auto" and on_gpu)
+
+    def piece_size_for(self, on_gpu: bool) -> int:
+        """The piece size: explicit, else 256 MiB GPU to GPU (NCCL's measured choice; IPC copies are
+        faster still), else 64 MiB. A swarm's members must agree on it (it is part of the manifest)."""
         if self.piece_size:
             return self.piece_size
-        if self.transport == "nccl":
+        if self.gpu_to_gpu(on_gpu):
             from swarm.transport.nccl import RECOMMENDED_PIECE_SIZE
 
             return RECOMMENDED_PIECE_SIZE
         return DEFAULT_PIECE_SIZE
 
-    @property
-    def effective_scheduler(self) -> SchedulerConfig | None:
-        """The scheduler settings: explicit ones, else those the transport recommends, else the defaults."""
-        if self.scheduler is None and self.transport == "nccl":
-            from swarm.transport.nccl import recommended_scheduler
+    def scheduler_for(self, on_gpu: bool) -> SchedulerConfig | None:
+        """The scheduler settings: explicit ones, else those for GPU links when pieces move GPU to GPU,
+        else the defaults."""
+        if self.scheduler is None and self.gpu_to_gpu(on_gpu):
+            if self.transport == "nccl":
+                from swarm.transport.nccl import recommended_scheduler
 
-            return recommended_scheduler()  # type: ignore[no-any-return]
+                return recommended_scheduler()  # type: ignore[no-any-return]
+            from swarm.transport import ipc  # one host first: CUDA IPC's deeper pipelines
+
+            return ipc.recommended_scheduler()  # type: ignore[no-any-return]
         return self.scheduler
 
     @classmethod
@@ -300,13 +317,15 @@ class Node:
         transport: Transport | None = None,
     ) -> None:
         self.config = config or NodeConfig.from_env()
+        on_gpu = any(t.is_cuda for t in tensors.values())
         self.key = key
         self.tensors = tensors
-        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.effective_piece_size)
+        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size_for(on_gpu))
         self.identity = Identity()
         self.id = self.identity.id
         self.codec = P.Codec(self.config.token)
         self.transport = transport or _make_transport(self.config)
+        self._scheduler_config = self.config.scheduler_for(on_gpu)
         self.checksums: list[str] | None = piece_checksums(self.manifest, tensors) if complete else None
         self.complete = complete
         self._rng_seed = self.config.seed if self.config.seed is not None else random.randrange(1 << 30)
@@ -465,6 +484,7 @@ class Node:
             "authenticated": self.codec.authenticated,
             "from": {p.id: p.bytes_from for p in list(self._peers.values()) if p.bytes_from},
             "to": {p.id: p.bytes_to for p in list(self._peers.values()) if p.bytes_to},
+            "paths": {p.id: self.transport.path(p.id) for p in list(self._peers.values()) if p.accepted},
         }
 
     def close(self) -> None:
@@ -481,7 +501,7 @@ class Node:
     def _new_scheduler(self, complete: bool) -> Scheduler:
         sizes = [p.length for p in self.manifest.pieces]
         have = range(len(sizes)) if complete else ()
-        return Scheduler(sizes, have, seed=self._rng_seed, config=self.config.effective_scheduler)
+        return Scheduler(sizes, have, seed=self._rng_seed, config=self._scheduler_config)
 
     def _start(self) -> None:
         from swarm import discovery
@@ -781,6 +801,7 @@ class Node:
         data = dict(self.data_params)
         data["addrs"] = self.addresses[:8]
         data["ctl"] = self.control_port
+        data["paths"] = self.transport.offer().to_wire()
         data["peers"] = [
             [p.id, p.hosts[0], int(p.hello.data.get("ctl", 0))]
             for p in list(self._peers.values())[:_MAX_PEX]
@@ -813,11 +834,14 @@ class Node:
             else:
                 self._reply(ident, None, P.Error("wrong_key", f"other swarm key: {self.key.describe()}"))
             return
-        if msg.transport != self.transport.name:
-            self._note_mismatch(
-                msg.peer_id, f"uses transport {msg.transport}, this node {self.transport.name}"
+        theirs_offer = Offer.from_wire(msg.data.get("paths"), fallback=msg.transport)
+        if self.transport.choose(msg.peer_id, theirs_offer) is None:
+            mine = ", ".join(sorted(self.transport.offer().transports))
+            offered = ", ".join(sorted(theirs_offer.transports)) or "none"
+            self._note_mismatch(msg.peer_id, f"no data path in common: it offers {offered}, this node {mine}")
+            self._reply(
+                ident, dial, P.Error("wrong_transport", f"no data path in common: this node offers {mine}")
             )
-            self._reply(ident, dial, P.Error("wrong_transport", f"this node uses {self.transport.name}"))
             return
         peer = self._peers.get(msg.peer_id)
         if peer is None:
@@ -1033,10 +1057,12 @@ class Node:
             if isinstance(d, Request):
                 self._maybe_connect_data(peer)
                 self.transport.expect(peer.id, d.piece)
-                self._send(peer, P.Request(d.piece), now)
+                if not self.transport.one_sided(peer.id):  # a one-sided path reads without asking
+                    self._send(peer, P.Request(d.piece), now)
             elif isinstance(d, Cancel):
                 self.transport.unexpect(peer.id, d.piece)
-                self._send(peer, P.Cancel(d.piece), now)
+                if not self.transport.one_sided(peer.id):
+                    self._send(peer, P.Cancel(d.piece), now)
             elif isinstance(d, Serve):
                 if self.transport.has_channel(peer.id):
                     self.transport.send(peer.id, d.piece)
@@ -1417,6 +1443,14 @@ def _interface_address(interface: str) -> str:
 
 
 def _make_transport(config: NodeConfig) -> Transport:
+    if config.transport == "auto":
+        from swarm.transport.auto import AutoTransport
+
+        return AutoTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)
+    if config.transport == "ipc":
+        from swarm.transport.ipc import IpcTransport
+
+        return IpcTransport(io_timeout_s=config.io_timeout_s)
     if config.transport == "nccl":
         from swarm.transport.nccl import NcclTransport
 

@@ -78,6 +78,11 @@ def leecher_node(size: int = SIZE, *, transport: TcpTransport | None = None, **c
     return Node(synthetic_key(size), tensors, config(**cfg), complete=False, transport=transport).start()
 
 
+def tcp_of(node: Node) -> Any:
+    """The node's TCP transport (the one under "auto", or the transport itself when forced)."""
+    return getattr(node.transport, "subs", {}).get("tcp", node.transport)
+
+
 def peers_of(*nodes: Node | int) -> str:
     return ",".join(f"{HOST}:{n if isinstance(n, int) else n.control_port}" for n in nodes)
 

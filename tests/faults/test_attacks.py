@@ -40,6 +40,7 @@ from tests.faults.harness import (
     progress,
     seed_node,
     status_of,
+    tcp_of,
     wrong_bytes,
 )
 from tests.loopback import free_port, wait_until
@@ -184,7 +185,7 @@ def test_recorded_data_credentials_are_worth_nothing(token: str | None) -> None:
         nodes.append(victim)
         run = FetchRun(victim).start()
         wait_until(lambda: progress(victim) > 0, 15, "the victim's first piece")
-        channel = seed.transport._senders[victim.id]  # type: ignore[attr-defined]
+        channel = tcp_of(seed)._senders[victim.id]  # type: ignore[attr-defined]
         with socket.create_connection((HOST, int(seed.data_params["port"])), timeout=3) as s:
             read_nonce(s)
             s.sendall(recording.sent_credentials[0])
@@ -194,7 +195,7 @@ def test_recorded_data_credentials_are_worth_nothing(token: str | None) -> None:
             except (TimeoutError, OSError):
                 got = b""
         assert got == b"", f"the replayer received {len(got)} bytes"
-        assert seed.transport._senders.get(victim.id) is channel  # type: ignore[attr-defined]
+        assert tcp_of(seed)._senders.get(victim.id) is channel  # type: ignore[attr-defined]
         run.wait(40)
         assert run.error is None, run.error
         assert wrong_bytes(dict(victim.tensors)) == 0

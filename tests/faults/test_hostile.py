@@ -33,6 +33,7 @@ from tests.faults.harness import (
     resources,
     seed_node,
     swarm_threads,
+    tcp_of,
     wrong_bytes,
 )
 from tests.loopback import wait_until
@@ -283,7 +284,7 @@ def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
     and so must the channel of a leecher that dies without a word."""
     with closing(seed_node()) as (seed,):
         before = (len(swarm_threads()), resources().fds)
-        t = seed.transport
+        t = tcp_of(seed)
         for _ in range(20):
             with socket.create_connection((HOST, _data_port(seed)), timeout=3) as s:
                 name, credentials = data_credentials(read_nonce(s), seed.id)

@@ -20,7 +20,7 @@ def test_environment_then_overrides() -> None:
     assert (cfg.peers, cfg.piece_size, cfg.stall_timeout_s, cfg.mdns) == ("h:1", 8 << 20, 2.5, False)
     assert cfg.pex is False and NodeConfig.from_env({}).pex is True
     assert NodeConfig.from_env(env, peers="x:2").peers == "x:2"
-    assert NodeConfig.from_env({}).transport == "tcp"
+    assert NodeConfig.from_env({}).transport == "auto"
 
 
 @pytest.mark.parametrize(
