@@ -219,7 +219,8 @@ def _absurd_manifest(node: Node) -> dict[str, object]:
 def _hello_as(node: Node, member: Member, **changes: object) -> P.Hello:
     """A Hello of `member` into `node`'s swarm."""
     h = node._hello()
-    values = {**h.__dict__, "peer_id": member.id, "data": {"ctl": 1, "port": 1, "addrs": [HOST]}, **changes}
+    data = {**h.data, "ctl": 1, "port": 1, "addrs": [HOST]}
+    values = {**h.__dict__, "peer_id": member.id, "data": data, **changes}
     return P.Hello(**values)  # type: ignore[arg-type]
 
 
