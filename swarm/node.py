@@ -625,8 +625,9 @@ class Node:
                 if self._router in ready:
                     self._read_router(now)
                 for sock in list(self._dials):
-                    if sock in ready:
-                        self._read_dial(self._dials[sock], now)
+                    dial = self._dials.get(sock)  # handling one link may close another (a refusal)
+                    if dial is not None and sock in ready:
+                        self._read_dial(dial, now)
                 for sock in list(_registered(poller)):
                     if isinstance(sock, zmq.Socket) and sock is not self._router and sock not in self._dials:
                         poller.unregister(sock)
