@@ -48,7 +48,9 @@ STATUS_COLUMNS = [
 
 def query_status(host: str, port: int, *, token: str | None, timeout_s: float = 2.0) -> dict[str, Any] | None:
     """Ask one node for its status over the control plane; None if it does not answer in time."""
-    codec = P.Codec(token)
+    from swarm.identity import Identity
+
+    session = P.Session(P.Codec(token), Identity(), dialer=True)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -58,17 +60,22 @@ def query_status(host: str, port: int, *, token: str | None, timeout_s: float = 
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(f"tcp://{addr}:{port}")
-        sock.send(codec.encode(P.StatusQuery()))
+        sock.send(session.open())
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(int(left * 1000)):
                 break
             try:
-                msg = codec.decode(sock.recv())
+                msg, answer = session.receive(sock.recv())
             except SwarmError:
                 return None
-            if isinstance(msg, P.StatusReply):
+            if answer is not None:  # the session is up: ask
+                sock.send(answer)
+                sock.send(session.encode(P.StatusQuery()))
+            elif isinstance(msg, P.StatusReply):
                 return msg.status
+            elif isinstance(msg, P.Error):
+                return None
         return None
     finally:
         sock.close(0)

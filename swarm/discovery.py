@@ -559,7 +559,7 @@ class Advertiser:
     records, so browsers drop it within about a second) and closes the zeroconf instance. Each call is
     bounded by ``timeout`` seconds and raises :class:`DiscoveryTimeout` past it (``close()`` logs
     instead and still closes). ``probe=False`` saves about 0.75 s at start when the instance id is
-    known to be unique (a random uuid), at the price of not detecting a name conflict.
+    known to be unique (a node's id: a digest of a fresh key), at the price of not detecting a name conflict.
     """
 
     _UPDATABLE = frozenset({"role", "model", "rank", "control_port"})

@@ -11,12 +11,17 @@ end of a link may request pieces over it: a ROUTER answers to the DEALER's ident
 always dialed by the receiving side to the sending side's data port (the addresses travel in Hello), so one
 link per pair suffices and duplicates are harmless. Seeds never dial.
 
-Handshake on a link: both sides send Hello (swarm key, manifest digest, content digest, data-plane
-parameters). A different swarm key is refused with an `Error("wrong_key")`; a different manifest is
-fetched (`ManifestQuery`) only to report a readable difference, then refused; a leecher without piece
-checksums takes them from the first peer whose content digest matches its manifest. A peer is *accepted*
-(known to the scheduler) only after these checks. Pieces are checked against the checksums before they
-are announced (Have) or served.
+Handshake on a link: first a session (swarm/protocol.py `Session`: nonces, Ed25519 keys, with a token
+MACs), so every frame is bound to its link and each end knows the other's id for certain; a Hello under
+another id than the session's is refused. Then both sides send Hello (swarm key, manifest digest, content
+digest, data-plane parameters). A different swarm key is refused with an `Error("wrong_key")`; a
+different manifest is fetched (`ManifestQuery`) only to report a readable difference, then refused. A
+`ManifestReply` is read only as the answer to our own query, and compared in wire form (never cut into
+pieces). A leecher without piece checksums takes them, with a token, from the first peer whose content
+digest matches its manifest; without one (an open swarm), only for the content digest a strict majority
+of the members it met announce, and it fails the fetch with `ManifestMismatchError` when none has one
+(docs/reliability.md, threat model). A peer is *accepted* (known to the scheduler) only after these
+checks. Pieces are checked against the checksums before they are announced (Have) or served.
 
 Liveness: any message proves a peer alive; idle links are pinged every `peer_timeout_s / 3`; a peer silent
 for `peer_timeout_s`, or whose data channel broke, is dropped: its requests go elsewhere, its transport
@@ -25,7 +30,8 @@ resources are freed, and it may be dialed again if it is still advertised (after
 Failure, never a hang: `fetch()` raises `NoSeedError` when no usable peer is found within
 `discovery_timeout_s` (`ManifestMismatchError` when every peer found holds another manifest),
 `StallError` when no piece arrived for `stall_timeout_s`, when some missing pieces have been held by no
-live peer for `discovery_timeout_s`, or past `deadline_s`; the node stays up so the caller can load
+live peer for `discovery_timeout_s`, or past `deadline_s` (checked in the caller's thread too, so it holds
+whatever the control loop is doing); the node stays up so the caller can load
 elsewhere and call `mark_complete()`. `close()` withdraws the advert, says goodbye, and ends every
 thread and socket within bounded time.
 """
@@ -39,7 +45,7 @@ import random
 import socket
 import threading
 import time
-import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -51,6 +57,7 @@ from swarm import metrics as _metrics
 from swarm import options as _opt
 from swarm import protocol as P
 from swarm.errors import (
+    AuthError,
     ConfigError,
     FetchError,
     ManifestError,
@@ -60,6 +67,7 @@ from swarm.errors import (
     StallError,
     SwarmError,
 )
+from swarm.identity import Identity
 from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, content_digest, piece_checksums
 from swarm.scheduler import Cancel, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
 from swarm.transport.base import Events, Transport
@@ -75,6 +83,15 @@ _MAX_PROTOCOL_ERRORS = 20
 #: Error codes by which a member of another swarm (or layout) refuses our Hello.
 _REFUSAL_CODES = ("wrong_key", "wrong_transport")
 _MAX_MISMATCHES = 256
+#: Sessions of the control port that belong to no accepted peer (handshakes in progress, `swarm status`
+#: clients): the oldest are forgotten past this many, so a flood of handshakes costs bounded memory.
+_MAX_LOOSE_SESSIONS = 1024
+#: Open swarm (no token): how long a leecher collects the content digests of the members it meets before
+#: it takes the checksums of a digest that only one member holds (two agreeing members need no wait).
+_OPEN_QUORUM_S = 1.0
+_MAX_VOTES = 1024
+#: distinct checksum lists kept while undecided (each as long as the manifest's piece count)
+_MAX_OFFERED = 16
 
 
 TRANSPORTS = _opt.TRANSPORTS
@@ -85,7 +102,7 @@ class NodeConfig:
     """Options of a node. Defaults, types and ranges of the user-facing ones come from swarm.options (one
     schema for the CLI, SWARM_* variables and the vLLM loader); `from_env` reads the environment."""
 
-    token: str | None = _opt.default("token")
+    token: str | None = field(default=_opt.default("token"), repr=False)
     token_file: str | None = _opt.default("token_file")
     allow_open: bool = _opt.default("allow_open")
     peers: str | None = _opt.default("peers")
@@ -119,6 +136,14 @@ class NodeConfig:
     scheduler: SchedulerConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.token_file is not None:
+            from_file = P.read_token_file(self.token_file)
+            if self.token and self.token != from_file:  # equal after dataclasses.replace of a config
+                raise ConfigError(
+                    "both a token and a token file are set",
+                    hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both",
+                )
+            object.__setattr__(self, "token", from_file)
         for name in _opt.NODE_OPTIONS:
             if name != "piece_size" or self.piece_size:
                 _opt.check(name, getattr(self, name))
@@ -165,23 +190,7 @@ class NodeConfig:
         if unknown:
             raise ConfigError(f"unknown swarm option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if values.get("token_file") and not values.get("token"):
-            values["token"] = _read_token(values["token_file"])
         return cls(**values)
-
-
-def _read_token(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read(4097).strip()
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read the token file {path!r} (SWARM_TOKEN_FILE): {e.strerror}",
-            hint="mount the Secret there, or set SWARM_TOKEN",
-        ) from None
-    if not token or len(token) > 4096:
-        raise ConfigError(f"the token file {path!r} is empty or longer than 4096 characters")
-    return token
 
 
 @dataclass
@@ -208,6 +217,7 @@ class _Dial:
     port: int
     sock: zmq.Socket[bytes]
     started: float
+    session: P.Session
     peer: str | None = None
 
 
@@ -228,6 +238,8 @@ class _Peer:
     failures: int = 0
     #: pieces announced before the peer was accepted (a Bitfield can overtake our manifest check)
     early_have: set[int] = field(default_factory=set)
+    #: a ManifestQuery to this peer awaits its answer: the only state in which a ManifestReply is read
+    manifest_asked: bool = False
 
     @property
     def name(self) -> str:
@@ -253,7 +265,8 @@ class Node:
         self.key = key
         self.tensors = tensors
         self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size_for(on_gpu))
-        self.id = uuid.uuid4().hex[:12]
+        self.identity = Identity()
+        self.id = self.identity.id
         self.codec = P.Codec(self.config.token)
         self.transport = transport or _make_transport(self.config)
         self._scheduler_config = self.config.scheduler_for(on_gpu)
@@ -264,11 +277,17 @@ class Node:
         self.started_at = time.time()
         self._peers: dict[str, _Peer] = {}
         self._by_ident: dict[bytes, str] = {}
+        self._sessions: OrderedDict[bytes, P.Session] = OrderedDict()
         self._dials: dict[zmq.Socket[bytes], _Dial] = {}
         self._dial_after: dict[tuple[str, int], float] = {}
         self._candidates: dict[tuple[str, int], str] = {}
         self._seen_generation = self._seen_candidates = 0
         self._mismatches: dict[str, str] = {}
+        #: open swarm: the content digest each member of our manifest announced (peer id -> digest), the
+        #: checksums offered for each digest (from answers to our queries), when the first vote came
+        self._votes: dict[str, str] = {}
+        self._offered: dict[str, list[str]] = {}
+        self._first_vote: float | None = None
         self._bad_idents: dict[bytes, int] = {}
         self._events: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
@@ -337,12 +356,18 @@ class Node:
             self._fetching = True
         self._wake()
         shown = -1
+        deadline = self._fetch_started + self.config.deadline_s
         try:
             with self._cv:
                 while not self.complete and self._fetch_error is None:
                     if not self._thread.is_alive():
                         raise FetchError("the node's control loop stopped")
-                    self._cv.wait(0.1)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        # Here, not in the control loop: the deadline holds whatever the loop is doing.
+                        self._fetch_error = self._past_deadline()
+                        break
+                    self._cv.wait(min(0.1, left))
                     if progress is not None and self._held_bytes != shown:
                         shown = self._held_bytes
                         self._cv.release()
@@ -365,6 +390,15 @@ class Node:
                 peers[p.id] = peers.get(p.id, 0) + p.bytes_from
         names = {pid: name for pid, (name, _) in gone.items()} | {p.id: p.name for p in live}
         return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
+
+    def _past_deadline(self) -> StallError:
+        """The deadline's error, built in the caller's thread from what it may read without the loop."""
+        return StallError(
+            f"the fetch passed its deadline of {self.config.deadline_s:.0f} s "
+            f"({self._held_bytes} of {self.manifest.total_bytes} bytes held)",
+            missing=[],
+            hint="the loader falls back to disk",
+        )
 
     def mark_complete(self) -> None:
         """The tensors now hold the full model (loaded elsewhere): checksum it and serve as a seed."""
@@ -430,13 +464,13 @@ class Node:
         self.host = self.addresses[0]
         self.transport.bind(self.manifest, self.tensors, self._transport_events())
         self.transport.peer_id = self.id
+        self.transport.identity = self.identity
         if self.checksums is not None:
             self.transport.set_checksums(self.checksums)
         self.data_params = self.transport.open(bind)
         self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         router.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + 1024)
         router.setsockopt(zmq.SNDHWM, 10000)
         router.setsockopt(zmq.RCVHWM, 10000)
@@ -471,7 +505,8 @@ class Node:
         if self.config.metrics_port:
             self._metrics_server = _metrics.serve(bind, self.config.metrics_port + self.config.port_offset)
         if self.config.mdns:
-            # No name probe: the instance id is 48 random bits, and probing costs 0.75 s of start-up.
+            # No name probe: the instance id is 64 bits of a fresh key's digest, and probing costs 0.75 s
+            # of start-up.
             self._advertiser = discovery.Advertiser(
                 self._advert(), interface=self.config.interface, probe=False, watch_exit=True
             )
@@ -578,8 +613,9 @@ class Node:
                 if self._router in ready:
                     self._read_router(now)
                 for sock in list(self._dials):
-                    if sock in ready:
-                        self._read_dial(self._dials[sock], now)
+                    dial = self._dials.get(sock)  # handling one link may close another (a refusal)
+                    if dial is not None and sock in ready:
+                        self._read_dial(dial, now)
                 for sock in list(_registered(poller)):
                     if isinstance(sock, zmq.Socket) and sock is not self._router and sock not in self._dials:
                         poller.unregister(sock)
@@ -611,14 +647,26 @@ class Node:
             if self._bad_idents.get(ident, 0) >= _MAX_PROTOCOL_ERRORS:
                 continue
             peer_id = self._by_ident.get(ident)
-            pieces = len(self.manifest.pieces)
+            session = self._session_of(ident)
             try:
-                msg = self.codec.decode(frame, pieces)
+                msg, answer = session.receive(frame, len(self.manifest.pieces))
             except ProtocolError as e:
                 self._bad_idents[ident] = self._bad_idents.get(ident, 0) + 1
-                self._router.send_multipart([ident, self.codec.encode(P.Error("protocol", str(e)[:500]))])
+                self._router.send_multipart([ident, session.encode(P.Error("protocol", str(e)[:500]))])
                 continue
-            self._handle(msg, now, ident=ident, peer_id=peer_id)
+            if answer is not None:
+                self._router.send_multipart([ident, answer], zmq.NOBLOCK)
+            if msg is not None:
+                self._handle(msg, now, ident=ident, peer_id=peer_id, session=session)
+
+    def _session_of(self, ident: bytes) -> P.Session:
+        session = self._sessions.get(ident)
+        if session is None:
+            session = self._sessions[ident] = P.Session(self.codec, self.identity, dialer=False)
+            loose = [i for i in self._sessions if i not in self._by_ident]
+            for old in loose[: max(0, len(loose) - _MAX_LOOSE_SESSIONS)]:
+                del self._sessions[old]
+        return session
 
     def _read_dial(self, dial: _Dial, now: float) -> None:
         for _ in range(1000):
@@ -626,13 +674,30 @@ class Node:
                 frame = dial.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            session = dial.session
             try:
-                msg = self.codec.decode(frame, len(self.manifest.pieces))
+                msg, answer = session.receive(frame, len(self.manifest.pieces))
             except ProtocolError as e:
                 log.warning("dropping link to %s:%d: %s", dial.host, dial.port, e)
+                if isinstance(e, AuthError):
+                    self._note_mismatch(f"{dial.host}:{dial.port}", str(e))
                 self._close_dial(dial, backoff=True)
                 return
-            self._handle(msg, now, dial=dial, peer_id=dial.peer)
+            if answer is not None:  # the handshake is done: say who we are
+                dial.sock.send(answer, zmq.NOBLOCK)
+                dial.sock.send(session.encode(self._hello()), zmq.NOBLOCK)
+            if msg is None:
+                continue
+            if not session.established:  # an unauthenticated refusal of our handshake
+                log.warning(
+                    "%s:%d refused the session: %s", dial.host, dial.port, getattr(msg, "message", msg)
+                )
+                self._note_mismatch(
+                    f"{dial.host}:{dial.port}", f"refused the session: {getattr(msg, 'message', '')}"
+                )
+                self._close_dial(dial, backoff=True)
+                return
+            self._handle(msg, now, dial=dial, peer_id=dial.peer, session=session)
             if dial.sock not in self._dials:
                 return
 
@@ -646,11 +711,18 @@ class Node:
         ident: bytes | None = None,
         dial: _Dial | None = None,
         peer_id: str | None = None,
+        session: P.Session | None = None,
     ) -> None:
         if isinstance(msg, P.StatusQuery):
             self._reply(ident, dial, P.StatusReply(self.status()))
             return
         if isinstance(msg, P.Hello):
+            if session is None or msg.peer_id != session.peer_id:
+                # Ids are proven by the session's handshake: nobody speaks for another member.
+                self._reply(
+                    ident, dial, P.Error("protocol", "Hello's peer id is not the one of the session's key")
+                )
+                return
             self._on_hello(msg, now, ident, dial)
             return
         peer = self._peers.get(peer_id) if peer_id else None
@@ -675,6 +747,10 @@ class Node:
             else:
                 self._send(peer, P.ManifestReply(self.manifest.to_wire(), self.checksums), now)
         elif isinstance(msg, P.ManifestReply):
+            if not peer.manifest_asked:  # unsolicited or repeated: not worth a look
+                log.debug("ignoring a manifest from %s that was not asked for", peer.name)
+                return
+            peer.manifest_asked = False
             self._on_manifest(peer, msg, now)
         elif not peer.accepted:
             if isinstance(msg, P.Error):
@@ -796,12 +872,19 @@ class Node:
             ):
                 self._candidates.setdefault((entry[1], entry[2]), "")
 
+    def _ask_manifest(self, peer: _Peer, now: float) -> None:
+        if not peer.manifest_asked:
+            peer.manifest_asked = True
+            self._send(peer, P.ManifestQuery(), now)
+
     def _check_peer(self, peer: _Peer, now: float) -> None:
         """Accept the peer once its manifest (and, for a leecher, the checksums) are known to match."""
         h = peer.hello
         if h.manifest_digest != self.manifest.digest:
-            self._send(peer, P.ManifestQuery(), now)  # only to report a readable difference
+            self._ask_manifest(peer, now)  # only to report a readable difference
             return
+        if h.content_digest and not self.codec.authenticated:
+            self._vote(peer.id, h.content_digest, now)
         if (
             h.content_digest
             and self.checksums is not None
@@ -811,17 +894,18 @@ class Node:
             return
         if self.checksums is None:
             if h.content_digest:
-                self._send(peer, P.ManifestQuery(), now)
+                self._ask_manifest(peer, now)
             return  # a leecher without checksums: wait for one that has them
         self._accept(peer, now)
 
     def _on_manifest(self, peer: _Peer, msg: P.ManifestReply, now: float) -> None:
         try:
-            theirs = Manifest.from_wire(msg.manifest)
+            # Compared in wire form: a peer's manifest is never cut into pieces here, so an answer costs
+            # at most the size of our own manifest, whatever piece count it claims.
+            difference = self.manifest.diff_wire(msg.manifest)
         except ManifestError as e:
             self._refuse(peer, f"sent a malformed manifest: {e}")
             return
-        difference = self.manifest.diff(theirs)
         if difference is not None:
             self._note_mismatch(peer.id, difference)
             self._refuse(peer, f"holds a different manifest: {difference}")
@@ -831,28 +915,82 @@ class Node:
         ):
             self._refuse(peer, "sent checksums that do not match its content digest")
             return
-        first = self.checksums is None
-        if first:
-            self.checksums = list(msg.checksums)
-            self.transport.set_checksums(self.checksums)
-        elif msg.checksums != self.checksums:
+        if self.checksums is None:
+            if self.codec.authenticated:
+                self._adopt(list(msg.checksums), now)  # a token holder is trusted with the checksums
+            elif peer.hello.content_digest and (
+                peer.hello.content_digest in self._offered or len(self._offered) < _MAX_OFFERED
+            ):
+                self._offered.setdefault(peer.hello.content_digest, list(msg.checksums))
+                self._decide(now)
+            return
+        if msg.checksums != self.checksums:
             self._refuse(peer, "holds different bytes for the same manifest (another checkpoint?)")
             return
-        if not peer.accepted:
+        if not peer.accepted and not peer.refused:
             self._accept(peer, now)
-        # Peers that were waiting for checksums can be accepted now.
+
+    def _adopt(self, checksums: list[str], now: float) -> None:
+        """Take these piece checksums as the truth, then accept (or refuse) every peer waiting for them."""
+        self.checksums = checksums
+        self.transport.set_checksums(checksums)
         for other in list(self._peers.values()):
-            if not other.accepted and not other.refused and other is not peer:
+            if not other.accepted and not other.refused:
                 self._check_peer(other, now)
-        if first:
-            # Leechers that met this node before it had checksums are waiting for a peer that has them:
-            # a new Hello (with the content digest, and this node's peers, the seed among them) lets
-            # them take the checksums from here and dial the seed even if they missed its mDNS answer
-            # (a responder multicasts a record at most once a second, RFC 6762 section 6).
-            hello = self._hello()
-            for other in list(self._peers.values()):
-                if other is not peer and not other.refused and not other.hello.content_digest:
-                    self._send(other, hello, now)
+        # Leechers that met this node before it had checksums are waiting for a peer that has them:
+        # a new Hello (with the content digest, and this node's peers, the seed among them) lets
+        # them take the checksums from here and dial the seed even if they missed its mDNS answer
+        # (a responder multicasts a record at most once a second, RFC 6762 section 6).
+        hello = self._hello()
+        for other in list(self._peers.values()):
+            if not other.refused and not other.hello.content_digest:
+                self._send(other, hello, now)
+
+    # --- open swarm: which checksums to believe ---------------------------------------------------
+
+    def _vote(self, peer_id: str, digest: str, now: float) -> None:
+        if peer_id not in self._votes and len(self._votes) >= _MAX_VOTES:
+            return
+        self._votes[peer_id] = digest
+        if self._first_vote is None:
+            self._first_vote = now
+        if self.checksums is not None and self._fetching and not self.complete:
+            ours = content_digest(self.checksums)
+            if not self._majority(ours):
+                self._fail_fetch(self._disagreement())
+
+    def _majority(self, digest: str) -> bool:
+        held = sum(1 for d in self._votes.values() if d == digest)
+        return held > len(self._votes) - held
+
+    def _decide(self, now: float) -> None:
+        """Open swarm, no checksums yet: take those of the digest a strict majority of the members met
+        announce, once two of them agree or after `_OPEN_QUORUM_S` (see docs/reliability.md)."""
+        if self.checksums is not None or self.codec.authenticated or self._first_vote is None:
+            return
+        for digest, checksums in self._offered.items():
+            agree = sum(1 for d in self._votes.values() if d == digest)
+            waited = now - self._first_vote >= min(_OPEN_QUORUM_S, self.config.discovery_timeout_s / 2)
+            if self._majority(digest) and (agree >= 2 or waited):
+                log.warning(
+                    "open swarm (no SWARM_TOKEN): using the checksums %d of the %d members met agree on",
+                    agree,
+                    len(self._votes),
+                )
+                self._adopt(checksums, now)
+                return
+
+    def _disagreement(self) -> ManifestMismatchError:
+        counts: dict[str, int] = {}
+        for d in self._votes.values():
+            counts[d] = counts.get(d, 0) + 1
+        shown = ", ".join(f"{n} member(s) hold content {d[:12]}" for d, n in sorted(counts.items()))
+        return ManifestMismatchError(
+            f"the members of {self.key.describe()} disagree on its bytes, and no content has a majority",
+            difference=shown,
+            hint="this swarm is open (no SWARM_TOKEN), so anyone on the LAN can join it; set SWARM_TOKEN "
+            "(or SWARM_TOKEN_FILE) on every instance; the loader falls back to disk",
+        )
 
     def _accept(self, peer: _Peer, now: float) -> None:
         peer.accepted = True
@@ -983,9 +1121,10 @@ class Node:
             self._finish_fetch(now)
 
     def _broadcast(self, msg: P.Message, now: float) -> None:
+        payload = P.pack(msg)
         for p in list(self._peers.values()):
             if p.accepted:
-                self._send(p, msg, now)
+                self._send(p, msg, now, payload)
 
     def _path(self, peer_id: str) -> str:
         """How bytes move to and from this peer (tcp, ipc, nccl), for the metrics."""
@@ -1029,29 +1168,33 @@ class Node:
 
     # --- sending ----------------------------------------------------------------------------------
 
-    def _send(self, peer: _Peer, msg: P.Message, now: float) -> None:
-        frame = self.codec.encode(msg)
+    def _send(self, peer: _Peer, msg: P.Message, now: float, payload: bytes | None = None) -> None:
+        """Send on the peer's first live link, sealed by that link's session (`payload`: `msg` packed
+        already, when one message goes to many peers)."""
+        payload = P.pack(msg) if payload is None else payload
         peer.last_sent = now
         for dial in peer.dials:
             if dial.sock in self._dials:
-                dial.sock.send(frame, zmq.NOBLOCK)
+                dial.sock.send(dial.session.seal(payload), zmq.NOBLOCK)
                 return
         for ident in peer.idents:
+            session = self._sessions.get(ident)
+            if session is None or not session.established:
+                continue
             assert self._router is not None
             try:
-                self._router.send_multipart([ident, frame], zmq.NOBLOCK)
+                self._router.send_multipart([ident, session.seal(payload)], zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("control queue to %s is full; dropping %s", peer.name, msg.TYPE)
             return
 
     def _reply(self, ident: bytes | None, dial: _Dial | None, msg: P.Message) -> None:
-        frame = self.codec.encode(msg)
         try:
             if ident is not None:
                 assert self._router is not None
-                self._router.send_multipart([ident, frame], zmq.NOBLOCK)
+                self._router.send_multipart([ident, self._session_of(ident).encode(msg)], zmq.NOBLOCK)
             elif dial is not None:
-                dial.sock.send(frame, zmq.NOBLOCK)
+                dial.sock.send(dial.session.encode(msg), zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.debug("reply %s not sent: %s", msg.TYPE, e)
 
@@ -1079,6 +1222,8 @@ class Node:
                 self._send(peer, P.Ping(), now)
         self._sample_rates(now)
         self.metrics.update(self._peer_states(), self._seeding_since)
+        if self.checksums is None:
+            self._decide(now)
         if self._fetching and not self.complete:
             self._check_fetch(now)
 
@@ -1127,9 +1272,9 @@ class Node:
             if ":" in addr[0]:
                 sock.setsockopt(zmq.IPV6, 1)
             sock.connect(f"tcp://{host}:{addr[1]}")
-            dial = _Dial(addr[0], addr[1], sock, now)
+            dial = _Dial(addr[0], addr[1], sock, now, P.Session(self.codec, self.identity, dialer=True))
             self._dials[sock] = dial
-            sock.send(self.codec.encode(self._hello()), zmq.NOBLOCK)
+            sock.send(dial.session.open(), zmq.NOBLOCK)  # Hello follows once the session is up
             self._dial_after[addr] = now + _DIAL_BACKOFF_S
 
     def _close_dial(self, dial: _Dial, *, backoff: bool, forever: bool = False) -> None:
@@ -1150,6 +1295,7 @@ class Node:
         self._peers.pop(peer.id, None)
         for ident in peer.idents:
             self._by_ident.pop(ident, None)
+            self._sessions.pop(ident, None)
         for dial in list(peer.dials):
             self._close_dial(dial, backoff=True)
         self.transport.drop(peer.id)
@@ -1168,7 +1314,9 @@ class Node:
         if elapsed > cfg.deadline_s:
             self._fail_fetch(self._stall(f"the fetch passed its deadline of {cfg.deadline_s:.0f} s"))
         elif not accepted and self.scheduler.held_count == 0 and elapsed > cfg.discovery_timeout_s:
-            if self._mismatches:
+            if self._votes and not any(self._majority(d) for d in set(self._votes.values())):
+                self._fail_fetch(self._disagreement())
+            elif self._mismatches:
                 # Members were found, but every one holds something else (another key, manifest,
                 # content or transport): say what, rather than "no seed".
                 first = next(iter(self._mismatches.items()))

@@ -385,13 +385,15 @@ class Option:
 
 _SECONDS = Seconds()
 _OPTIONS = [
-    Option("token", Text(max_len=4096), None, "cluster token: every control message is authenticated "
-           "(HMAC) and the data port challenge-checked; without one the swarm is open to its LAN (logged)",
+    Option("token", Text(max_len=4096), None, "cluster token: every link runs an authenticated session "
+           "(no recorded frame can be replayed) and the data port is challenge-checked; without one the "
+           "swarm is open to its LAN (logged; threat model in docs/reliability.md). Prefer `token_file`",
            env="SWARM_TOKEN", flag="--token", secret=True),
     Option("token_file", Text(expect_text="a path to a file holding the token"), None,
            "file holding the cluster token (e.g. a mounted Kubernetes Secret), so the secret never appears "
            "in command lines or vLLM's printed arguments", env="SWARM_TOKEN_FILE", flag="--token-file"),
-    Option("allow_open", Flag(), False, "allow open mode (no token) on a non-loopback interface",
+    Option("allow_open", Flag(), False, "vLLM loader: run an open swarm (no token) on an interface other "
+           "than loopback; without it that is refused at start-up",
            env="SWARM_ALLOW_OPEN", flag="--allow-open"),
     Option("peers", Peers(), None, "peers to dial besides mDNS: `host:port`, `[v6addr]:port`, "
            "`dns:NAME[:PORT]` (every A/AAAA record of NAME, re-resolved; e.g. a headless Service), "

@@ -46,7 +46,7 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.manifest import Manifest, SwarmKey, dtype_name, piece_checksums
 from vllm_plugin import compat, identity, members
 from vllm_plugin.logs import route_swarm_logs
-from vllm_plugin.options import LoaderOptions, auto_piece_size, parse_options
+from vllm_plugin.options import LoaderOptions, auto_piece_size, check_open_swarm, parse_options
 from vllm_plugin.tensors import SwarmTensors, changed_tensors, replaced_bytes, swarm_tensors
 
 logger = init_logger("vllm.swarm")
@@ -90,8 +90,9 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
                 f"got {type(extra).__name__}"
             )
         self.options: LoaderOptions = parse_options(extra)
-        # Validate the node options now (start-up), not when the first fetch needs them.
-        self._node_config(model_name="check", rank=0)
+        # Validate the node options now (start-up), not when the first fetch needs them, and refuse an
+        # open swarm beyond loopback unless allowed.
+        check_open_swarm(self._node_config(model_name="check", rank=0))
         version = compat.engine_version()
         if not compat.supported(version):
             logger.warning(

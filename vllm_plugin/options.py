@@ -13,13 +13,20 @@ No vLLM import here (unit-testable on its own).
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm import options as schema
 from swarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swarm.node import NodeConfig
+
+logger = logging.getLogger("vllm_plugin.options")
 
 #: Keys passed through to vLLM's default loader when it loads from disk.
 DISK_OPTIONS = ("enable_multithread_load", "num_threads", "enable_weights_track")
@@ -75,6 +82,31 @@ def parse_options(extra: Mapping[str, Any] | None, env: Mapping[str, str] | None
     loader |= schema.from_json({k: v for k, v in given.items() if k in schema.LOADER_OPTIONS})
     disk = {k: extra[k] for k in DISK_OPTIONS if k in extra}
     return LoaderOptions(node=node, disk=disk, **loader)
+
+
+def check_open_swarm(config: NodeConfig) -> None:
+    """Refuse an open swarm (no token) that would listen beyond this host, unless `allow_open`; log
+    loudly whenever the swarm is open. Call before the node starts (see docs/reliability.md, threat
+    model: without a token, anyone who reaches the ports may join, read the weights, and deny service)."""
+    if config.token:
+        return
+    where = config.host or config.interface or "0.0.0.0"
+    try:
+        loopback = where == "lo" or where == "localhost" or ipaddress.ip_address(where).is_loopback
+    except ValueError:  # an interface name other than lo
+        loopback = False
+    if not loopback and not config.allow_open:
+        raise ConfigError(
+            f"the swarm is open (no token) and would listen on {where}, reachable from the network: "
+            "anyone there could join it, read the weights and disturb loading",
+            hint="set SWARM_TOKEN_FILE (or SWARM_TOKEN) to the same secret on every instance, or accept "
+            'an open swarm on a trusted network with {"allow_open": true} (SWARM_ALLOW_OPEN=1)',
+        )
+    logger.warning(
+        "vllm-swarm: the swarm is OPEN (no token) on %s: members are not authenticated; "
+        "set SWARM_TOKEN_FILE on every instance to close it",
+        where,
+    )
 
 
 def auto_piece_size(total_bytes: int) -> int:

@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from swarm import protocol as P
-from swarm.errors import SwarmError
 from swarm.node import FetchReport, Node, NodeConfig
 from swarm.synthetic import synthetic_key, synthetic_tensors
 from swarm.transport.base import Events
@@ -346,14 +344,6 @@ class RawClient:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
-
-
-def decoded(frames: Sequence[bytes], codec: P.Codec) -> list[P.Message]:
-    out = []
-    for f in frames:
-        with contextlib.suppress(SwarmError):
-            out.append(codec.decode(f))
-    return out
 
 
 def alive(node: Node, token: str | None = None) -> bool:

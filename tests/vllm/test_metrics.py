@@ -39,6 +39,9 @@ def test_swarm_metrics_of_a_seed_and_a_leecher(
     a = servers.start("MA", models["tiny-llama"], swarm=swarm_opts(pa, metrics_port=ma)).wait_ready()
     seed = scrape(f"http://127.0.0.1:{ma}/metrics")
     assert value(seed, "swarm_seeding_uptime_seconds", model="tiny-llama") > 0
+    # A found no seed: one load, from disk, for that reason
+    assert value(seed, "swarm_load_seconds_count", source="disk", reason="no_seed") == 1
+    assert value(seed, "swarm_load_seconds_count", source="swarm") == 0
     # Without multiprocess mode vLLM's /metrics is the API server's alone: no swarm series there.
     assert not [k for k in scrape(a.url + "/metrics") if k[0].startswith("swarm_")]
 
@@ -56,6 +59,8 @@ def test_swarm_metrics_of_a_seed_and_a_leecher(
     assert value(leech, "swarm_received_bytes_total", path="tcp", peer_role="seed") == total
     assert value(leech, "swarm_pieces_verified_total") == row["pieces_total"]
     assert value(leech, "swarm_pieces_failed_total") == 0
+    assert value(leech, "swarm_load_seconds_count", source="swarm") == 1
+    assert value(leech, "swarm_load_seconds_count", source="disk") == 0
     wait_until(
         lambda: (
             value(scrape(f"http://127.0.0.1:{ma}/metrics"), "swarm_sent_bytes_total", peer_role="leecher")
