@@ -423,10 +423,15 @@ HANDSHAKE: dict[str, type[Message]] = {c.TYPE: c for c in (SessionOpen, SessionA
 
 
 def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
-    """The cluster token: SWARM_TOKEN, else the first line of the file SWARM_TOKEN_FILE names (so the
-    secret need not appear on a command line or in vLLM's printed arguments)."""
+    """The cluster token: SWARM_TOKEN, or the content of the file SWARM_TOKEN_FILE names (so the secret
+    need not appear on a command line or in vLLM's printed arguments); both, different: ConfigError."""
     env = os.environ if env is None else env
-    return env.get("SWARM_TOKEN") or read_token_file(env.get("SWARM_TOKEN_FILE") or None)
+    token, from_file = env.get("SWARM_TOKEN") or None, read_token_file(env.get("SWARM_TOKEN_FILE") or None)
+    if token and from_file and token != from_file:  # as NodeConfig: two different secrets, pick neither
+        raise ConfigError(
+            "both a token and a token file are set", hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both"
+        )
+    return token or from_file
 
 
 def read_token_file(path: str | None) -> str | None:

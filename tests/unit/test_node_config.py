@@ -84,7 +84,8 @@ def test_token_file_is_read_and_a_missing_one_is_a_config_error(tmp_path: Path) 
     f = tmp_path / "token"
     f.write_text("s3cret\n")
     assert NodeConfig.from_env({"SWARM_TOKEN_FILE": str(f)}).token == "s3cret"
-    assert NodeConfig.from_env({"SWARM_TOKEN_FILE": str(f), "SWARM_TOKEN": "t"}).token == "t"
+    with pytest.raises(ConfigError, match="not both"):  # two different secrets: say so, pick neither
+        NodeConfig.from_env({"SWARM_TOKEN_FILE": str(f), "SWARM_TOKEN": "t"})
     with pytest.raises(ConfigError, match="cannot read the token file"):
         NodeConfig.from_env({"SWARM_TOKEN_FILE": str(tmp_path / "absent")})
 

@@ -46,9 +46,9 @@ def test_loader_options_take_a_token_file(token_file: str) -> None:
 
 
 def test_allow_open_option() -> None:
-    assert not parse_options({}, env={}).allow_open
-    assert parse_options({"allow_open": True}, env={}).allow_open
-    assert parse_options({}, env={"SWARM_ALLOW_OPEN": "1"}).allow_open
+    assert "allow_open" not in parse_options({}, env={}).node
+    assert parse_options({"allow_open": True}, env={}).node["allow_open"] is True
+    assert parse_options({}, env={"SWARM_ALLOW_OPEN": "1"}).node["allow_open"] is True
 
 
 @pytest.mark.parametrize(
