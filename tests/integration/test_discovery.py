@@ -301,8 +301,10 @@ def test_sigkilled_process_with_exit_watcher_is_withdrawn_at_once(key: str) -> N
             os.kill(agent.proc.pid, signal.SIGKILL)
             agent.proc.wait(T)
             t0 = time.monotonic()
-            browser.wait_for(lambda p: agent.id not in ids(p), T)
-            assert time.monotonic() - t0 < 5, "goodbye took longer than the watcher's bound"
+            # the record's TTL is 60 s: gone well before that means the goodbye came (a second or two
+            # on an idle machine; the bound is loose for a loaded CI machine)
+            browser.wait_for(lambda p: agent.id not in ids(p), 30)
+            assert time.monotonic() - t0 < 30
             assert started["advert"]["instance_id"] == agent.id
         _wait_gone(watchers[0])
     finally:
