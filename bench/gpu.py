@@ -61,7 +61,7 @@ for _k, _v in SAFE_ENV.items():
 import torch  # noqa: E402
 
 from swarm.manifest import Manifest, as_bytes, checksum_async, piece_checksums  # noqa: E402
-from swarm.protocol import Channel, Codec, Request  # noqa: E402
+from swarm.protocol import Channel, Request, decode_payload, pack  # noqa: E402
 from swarm.transport.base import Events  # noqa: E402
 from swarm.transport.nccl import (  # noqa: E402
     NCCL_IN_PROGRESS,
@@ -277,7 +277,6 @@ class MiniNode:
     ) -> None:
         self.me = me
         self.inboxes = inboxes
-        self.codec = Codec()
         self.transport = transport
         self.cond = threading.Condition()
         self.done: set[int] = set()
@@ -307,7 +306,7 @@ class MiniNode:
         self.thread.start()
 
     def _notify(self, peer: str, msg: Any) -> None:
-        self.inboxes[peer].put((self.me, self.codec.encode(msg)))
+        self.inboxes[peer].put((self.me, pack(msg)))
 
     def _loop(self) -> None:
         box = self.inboxes[self.me]
@@ -316,7 +315,7 @@ class MiniNode:
                 src, frame = box.get(timeout=0.05)
             except queue.Empty:
                 continue
-            msg = self.codec.decode(frame)
+            msg = decode_payload(frame)
             if isinstance(msg, Channel):
                 self.transport.on_message(src, msg)
             elif isinstance(msg, Request):

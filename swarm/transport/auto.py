@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from swarm.errors import ConfigError
+from swarm.identity import Identity
 from swarm.manifest import Manifest
 from swarm.protocol import Channel, Message
 from swarm.transport.base import Events, Transport
@@ -54,6 +55,7 @@ class AutoTransport(Transport):
         self._params: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._pid = ""
+        self._identity: Identity | None = None
         super().__init__()
 
     @property  # type: ignore[override]
@@ -66,6 +68,16 @@ class AutoTransport(Transport):
         for t in self.subs.values():
             t.peer_id = value
 
+    @property  # type: ignore[override]
+    def identity(self) -> Identity | None:
+        return self._identity
+
+    @identity.setter
+    def identity(self, value: Identity | None) -> None:
+        self._identity = value
+        for t in self.subs.values():
+            t.identity = value
+
     # --- set-up ------------------------------------------------------------------------------------
 
     def bind(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor], events: Events) -> None:
@@ -75,6 +87,7 @@ class AutoTransport(Transport):
             self.subs = self._default_subs(gpu is not None)
         for name, t in self.subs.items():
             t.peer_id = self._pid
+            t.identity = self._identity
             t.bind(manifest, tensors, self._events_for(name))
         self._offer = local_offer(self.subs, gpu if set(self.subs) - {"tcp"} else None)
 

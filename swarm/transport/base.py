@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from swarm.identity import Identity
 from swarm.manifest import Manifest
 from swarm.protocol import Message
 from swarm.transport.paths import Offer, local_offer
@@ -58,8 +59,10 @@ class Transport(ABC):
         self.views: list[torch.Tensor] = []
         self.checksums: list[str] | None = None
         self.events: Events | None = None
-        #: this node's id, set by the node before `open` (the TCP data handshake sends it)
+        #: this node's id and the key that proves it, set by the node before `open` (the TCP data
+        #: handshake signs with it)
         self.peer_id = ""
+        self.identity: Identity | None = None
         self._offer: Offer | None = None
 
     def bind(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor], events: Events) -> None:

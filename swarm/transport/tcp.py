@@ -2,8 +2,11 @@
 
 Set-up: every node listens on one data port (announced in its Hello). A leecher that wants pieces from a
 peer connects to that peer's data port; the connection then carries that peer's pieces to the leecher.
-The first bytes authenticate the leecher: the listener sends a random nonce, the leecher answers with
-its peer id and, when a cluster token is set, HMAC-SHA256(key, "vllm-swarm-data" + nonce + peer id).
+The first bytes authenticate the leecher: the listener sends a random nonce; the leecher answers with
+its peer id, its Ed25519 public key, its signature over "vllm-swarm-data" + nonce + the listener's id +
+its own id, and, when a cluster token is set, HMAC-SHA256(key, the same bytes). The listener checks that
+the id is the key's (swarm/identity.py), the signature, and the MAC, so nobody opens a channel under a
+member's id, with or without a token, and recorded credentials are worth nothing (the nonce is fresh).
 The listener only serves pieces to a channel whose peer id matches a control-plane peer it accepted a
 request from (the node's scheduler decides `send`), so an unauthenticated client receives nothing.
 
@@ -48,6 +51,7 @@ import torch
 
 from swarm import capture
 from swarm.errors import TransportError
+from swarm.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, peer_id_of, verify
 from swarm.manifest import checksum
 from swarm.transport.base import Transport
 
@@ -72,21 +76,23 @@ _POLL_S = 0.5
 
 
 class _Handshake:
-    """The credentials of one data connection as they arrive: length byte, peer id, MAC (with a key)."""
+    """The credentials of one data connection as they arrive: length byte, peer id, public key and
+    signature (the proof of the id), MAC (with a key)."""
 
     def __init__(self, nonce: bytes, deadline: float, key: bytes | None) -> None:
         self.nonce = nonce
         self.deadline = deadline
-        self.want_mac = key is not None
+        self.tail = PUBLIC_KEY_SIZE + SIGNATURE_SIZE + (32 if key is not None else 0)
         self.buf = bytearray()
         self.peer: str | None = None
+        self.proof = b""
         self.mac = b""
 
     def read(self, conn: socket.socket) -> bool:
         """Reads what is there; True when the handshake is over (complete, or failed: peer is None)."""
-        need = 1 + (self.buf[0] if self.buf else 0) + (32 if self.want_mac else 0)
+        need = 1 + self.buf[0] + self.tail if self.buf else 1
         try:
-            chunk = conn.recv(need - len(self.buf) if self.buf else 1)
+            chunk = conn.recv(need - len(self.buf))
         except BlockingIOError:
             return False
         except OSError:
@@ -95,10 +101,11 @@ class _Handshake:
             return True
         self.buf += chunk
         n = self.buf[0]
-        if len(self.buf) < 1 + n + (32 if self.want_mac else 0):
+        if len(self.buf) < 1 + n + self.tail:
             return False
         self.peer = bytes(self.buf[1 : 1 + n]).decode("utf-8", "replace")
-        self.mac = bytes(self.buf[1 + n :])
+        self.proof = bytes(self.buf[1 + n : 1 + n + PUBLIC_KEY_SIZE + SIGNATURE_SIZE])
+        self.mac = bytes(self.buf[1 + n + PUBLIC_KEY_SIZE + SIGNATURE_SIZE :])
         return True
 
 
@@ -263,7 +270,7 @@ class _Receiver:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(t.io_timeout_s)
             nonce = _recv_exact(sock, NONCE_SIZE, t.io_timeout_s)
-            sock.sendall(t._credentials(nonce))
+            sock.sendall(t._credentials(nonce, self.peer))
             # Short socket timeouts let the loop notice close() and tell idle from stalled.
             sock.settimeout(_POLL_S)
             header = bytearray(HEADER.size)
@@ -450,7 +457,17 @@ class TcpTransport(Transport):
 
     def _handshake_done(self, conn: socket.socket, h: _Handshake) -> None:
         peer = h.peer
-        if peer is None or (self._key and not hmac.compare_digest(h.mac, self._mac(h.nonce, peer))):
+        if peer is None:
+            conn.close()
+            return
+        public = h.proof[:PUBLIC_KEY_SIZE]
+        sig = h.proof[PUBLIC_KEY_SIZE:]
+        signed = self._signed(h.nonce, self.peer_id, peer)
+        # a data connection under an id its key does not prove, or (with a token) without a valid MAC
+        if peer_id_of(public) != peer or not verify(public, sig, signed):
+            conn.close()
+            return
+        if self._key and not hmac.compare_digest(h.mac, self._mac(signed)):
             conn.close()
             return
         try:
@@ -468,13 +485,22 @@ class TcpTransport(Transport):
         if old is not None:
             old.close(0.0)  # not joined: this is the accept thread; the old sender ends by itself
 
-    def _mac(self, nonce: bytes, peer: str) -> bytes:
-        assert self._key is not None
-        return hmac.new(self._key, _DATA_CONTEXT + nonce + peer.encode(), hashlib.sha256).digest()
+    @staticmethod
+    def _signed(nonce: bytes, listener: str, peer: str) -> bytes:
+        return _DATA_CONTEXT + nonce + struct.pack("!B", len(listener)) + listener.encode() + peer.encode()
 
-    def _credentials(self, nonce: bytes) -> bytes:
+    def _mac(self, signed: bytes) -> bytes:
+        assert self._key is not None
+        return hmac.new(self._key, signed, hashlib.sha256).digest()
+
+    def _credentials(self, nonce: bytes, listener: str) -> bytes:
+        """What the receiving end sends after the listener's nonce (see the module docstring)."""
+        if self.identity is None:
+            raise TransportError("the transport has no identity (the node sets it before open)")
         pid = self.peer_id.encode()
-        return struct.pack("!B", len(pid)) + pid + (self._mac(nonce, self.peer_id) if self._key else b"")
+        signed = self._signed(nonce, listener, self.peer_id)
+        proof = self.identity.public + self.identity.sign(signed)
+        return struct.pack("!B", len(pid)) + pid + proof + (self._mac(signed) if self._key else b"")
 
     def connect(self, peer: str, params: Mapping[str, Any]) -> None:
         host, port = params.get("host"), params.get("port")

@@ -28,6 +28,7 @@ from swarm import protocol as P
 from swarm.node import MAX_DIALS, MAX_PEERS, Node
 from swarm.synthetic import synthetic_key
 from swarm.transport.tcp import NONCE_SIZE, TcpTransport
+from tests.faults.attack import Member
 from tests.faults.harness import (
     HOST,
     SIZE,
@@ -139,9 +140,9 @@ def bogus_frames(members: Members, size: int, seconds: float = 4.0) -> Outcome:
     out = Outcome(bounds=_seed_bounds())
     with seed_process(members) as (pid, port):
         peak = _Peak(pid)
-        frame = bytes(
-            msgpack.packb([P.MAGIC, P.VERSION, bytes(size - 64), os.urandom(32)], use_bin_type=True)
-        )
+        # a well-formed envelope (magic, version, sequence, payload, MAC) whose MAC is wrong
+        envelope = [P.MAGIC, P.VERSION, 1, bytes(size - 64), os.urandom(32)]
+        frame = bytes(msgpack.packb(envelope, use_bin_type=True))
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -273,44 +274,37 @@ def _sample_until(peak: _Peak, done: threading.Event) -> None:
 
 def data_port_of(port: int) -> int:
     """The data port a seed announces in its Hello (what any insider learns)."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://{HOST}:{port}")
-    codec = P.Codec(TOKEN)
+    m = Member(port, TOKEN)
     try:
         key = synthetic_key(SIZE)
-        sock.send(codec.encode(P.Hello("probe", key.to_wire(), key.digest, "", "", "leecher", "tcp", {})))
-        assert sock.poll(5000), "no answer to a Hello"
-        reply = codec.decode(sock.recv())
-        assert isinstance(reply, P.Hello), reply
-        return int(reply.data["port"])
+        m.send(P.Hello(m.id, key.to_wire(), key.digest, "", "", "leecher", "tcp", {}))
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            for reply in m.received(0.2):
+                if isinstance(reply, P.Hello):
+                    return int(reply.data["port"])
+        raise AssertionError("no Hello from the seed within 5 s")
     finally:
-        sock.close(0)
-        ctx.term()
+        m.close()
 
 
 # --- 5. peer exchange and accepted peers --------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def _dealers(port: int) -> Iterator[Callable[[], zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    socks: list[zmq.Socket[bytes]] = []
+def _members(port: int) -> Iterator[Callable[[], Member]]:
+    """Members of our own (each a fresh key and a session with the node), closed at the end."""
+    made: list[Member] = []
 
-    def new() -> zmq.Socket[bytes]:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(f"tcp://{HOST}:{port}")
-        socks.append(s)
-        return s
+    def new() -> Member:
+        made.append(Member(port, TOKEN))
+        return made[-1]
 
     try:
         yield new
     finally:
-        for s in socks:
-            s.close(0)
-        ctx.term()
+        for m in made:
+            m.close()
 
 
 def _watch(n: Node, seconds: float, tables: dict[str, Callable[[], int]], out: Outcome) -> None:
@@ -329,15 +323,13 @@ def pex_flood(hellos: int = 32, listed: int = 32) -> Outcome:
     out = Outcome(bounds={"dials": MAX_DIALS, "candidates": MAX_CANDIDATES, "loop_died": 0})
     with closing(seed_node(token=TOKEN)) as (seed,):
         leecher = leecher_node(transport=WatchedTcp(token=TOKEN), token=TOKEN, peers=peers_of(seed))
-        with closing(leecher) as (n,), _dealers(n.control_port) as new:
-            codec = P.Codec(TOKEN)
+        with closing(leecher) as (n,), _members(n.control_port) as new:
             for i in range(hellos):
                 made_up = [[f"x{i}-{j}", HOST, 20000 + listed * i + j] for j in range(listed)]
                 data = {"addrs": [HOST], "ctl": 1, "peers": made_up}
-                hello = dataclasses.replace(
-                    n._hello(), peer_id=f"fake{i}", content_digest="", role="seed", data=data
-                )
-                new().send(codec.encode(hello))
+                m = new()
+                hello = dataclasses.replace(n._hello(), content_digest="", role="seed", data=data)
+                m.send(dataclasses.replace(hello, peer_id=m.id))
             tables = {"dials": lambda: len(n._dials), "candidates": lambda: len(n._candidates)}
             _watch(n, 3.0, tables, out)
             out.figures["loop_died"] = 0 if alive(n, TOKEN) else 1
@@ -385,19 +377,16 @@ def accepted_flood(extra: int = 16) -> Outcome:
     out = Outcome(bounds={"peers": MAX_PEERS, "data_channels": MAX_PEERS, "staging_buffers": MAX_STAGING})
     with closing(seed_node(token=TOKEN)) as (seed,):
         assert seed.checksums is not None
-        reply = P.ManifestReply(seed.manifest.to_wire(), seed.checksums)
         leecher = leecher_node(transport=WatchedTcp(token=TOKEN), token=TOKEN, peers=peers_of(seed))
         fake_data = NonceServer()
         try:
-            with closing(leecher) as (n,), _dealers(n.control_port) as new:
+            with closing(leecher) as (n,), _members(n.control_port) as new:
                 wait_until(lambda: any(p.accepted for p in n._peers.values()), 10, "the seed to be accepted")
-                codec = P.Codec(TOKEN)
                 # the seed's own Hello data (paths etc.), pointing at the fake data port
                 data = {**seed._hello().data, "addrs": [HOST], "ctl": 1, "port": fake_data.port, "peers": []}
-                for i in range(MAX_PEERS + extra):
-                    s = new()
-                    s.send(codec.encode(dataclasses.replace(seed._hello(), peer_id=f"fake{i}", data=data)))
-                    s.send(codec.encode(reply))
+                for _ in range(MAX_PEERS + extra):
+                    m = new()  # the leecher has checksums: a Hello with the right digests is accepted
+                    m.send(dataclasses.replace(seed._hello(), peer_id=m.id, data=data))
                 t = n.transport
                 tables = {
                     "peers": lambda: sum(p.accepted for p in list(n._peers.values())),

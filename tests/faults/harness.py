@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 
-from swarm import protocol as P
-from swarm.errors import SwarmError
 from swarm.node import FetchReport, Node, NodeConfig
 from swarm.synthetic import synthetic_key, synthetic_tensors
 from swarm.transport.base import Events
@@ -376,14 +374,6 @@ def zmtp_connect(port: int, timeout_s: float = 5.0) -> socket.socket:
 def zmtp_frame_head(length: int) -> bytes:
     """The header of one ZMTP message frame (long form) of `length` bytes, last of its message."""
     return bytes([0x02]) + length.to_bytes(8, "big")
-
-
-def decoded(frames: Sequence[bytes], codec: P.Codec) -> list[P.Message]:
-    out = []
-    for f in frames:
-        with contextlib.suppress(SwarmError):
-            out.append(codec.decode(f))
-    return out
 
 
 def alive(node: Node, token: str | None = None) -> bool:

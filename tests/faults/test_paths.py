@@ -13,15 +13,8 @@ from swarm import protocol as P
 from swarm.cli import _fmt
 from swarm.manifest import content_digest
 from swarm.transport.tcp import TcpTransport
-from tests.faults.harness import (
-    RawClient,
-    closing,
-    decoded,
-    leecher_node,
-    peers_of,
-    seed_node,
-    wrong_bytes,
-)
+from tests.faults.attack import Member
+from tests.faults.harness import closing, leecher_node, peers_of, seed_node, wrong_bytes
 
 
 def test_forced_tcp_and_auto_members_form_one_swarm() -> None:
@@ -38,11 +31,11 @@ def test_forced_tcp_and_auto_members_form_one_swarm() -> None:
 
 def test_member_without_a_common_path_is_refused() -> None:
     with closing(seed_node()) as (seed,):
-        client = RawClient(seed.control_port)
+        client = Member(seed.control_port, None)
         try:
             # A GPU member of another host that runs NCCL only: nothing in common with a CPU member.
             hello = P.Hello(
-                peer_id="gpu-only-member",
+                peer_id=client.id,
                 key=seed.key.to_wire(),
                 key_digest=seed.key.digest,
                 manifest_digest=seed.manifest.digest,
@@ -58,8 +51,8 @@ def test_member_without_a_common_path_is_refused() -> None:
                     }
                 },
             )
-            client.send(P.Codec(None).encode(hello))
-            replies = decoded(client.replies(wait_s=2.0, limit=1), P.Codec(None))
+            client.send(hello)
+            replies = client.received(wait_s=2.0)
             assert replies and isinstance(replies[0], P.Error), replies
             assert replies[0].code == "wrong_transport"
             assert "no data path in common" in replies[0].message and "tcp" in replies[0].message
