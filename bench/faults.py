@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         ("16 MiB frames, bogus MAC, one connection", lambda: X.bogus_frames(members, 16 << 20)),
         ("256 KiB frames, bogus MAC, one connection", lambda: X.bogus_frames(members, 256 << 10)),
         ("40 partial 16 MiB frames held", lambda: X.partial_frames(members, 16 << 20)),
-        ("seed out of fds (limit 128), data port EMFILE", lambda: X.fd_exhaustion(members)),
+        ("seed (fd limit 128): idle connections on both ports", lambda: X.fd_exhaustion(members)),
         ("300 idle handshaked control connections", lambda: X.idle_control(members)),
         ("peer exchange: 32 Hellos x 32 made-up peers", X.pex_flood),
         ("80 insiders join a leecher", X.accepted_flood),

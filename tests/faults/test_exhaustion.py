@@ -55,8 +55,9 @@ def test_partial_frames_do_not_pin_memory(members: Members, size: int) -> None:
 
 
 def test_data_port_survives_running_out_of_fds(members: Members) -> None:
-    """Item 2: the seed (fd limit 128) runs out of fds; its data accept loop meets EMFILE (before: that
-    thread exited and no fetch ever worked again). After the attacker hangs up, a fetch completes."""
+    """Item 2: idle connections on both ports, more than the seed's fd limit (128) allows (before: fds ran
+    out, the data accept loop met EMFILE and exited, and no fetch ever worked again). After the attacker
+    hangs up, a fetch completes."""
     _check(X.fd_exhaustion(members))
 
 
