@@ -11,9 +11,11 @@ from swarm.errors import AuthError, ProtocolError, VersionMismatchError
 from swarm.manifest import Manifest, SwarmKey, TensorSpec
 from swarm.protocol import (
     MAGIC,
+    MAX_BATCH,
     MAX_FRAME,
     MESSAGES,
     VERSION,
+    Batch,
     Bitfield,
     Cancel,
     Channel,
@@ -54,6 +56,7 @@ EXAMPLES = [
     HandedOut(3),
     Request(3),
     Cancel(0),
+    Batch([0, 3], [1], [2], [3, 1], [0]),
     Reject(1, True, "busy"),
     Sent(1, True),
     Channel("nccl", {"uid": b"\x00" * 128, "rank": 0}),
@@ -214,3 +217,65 @@ def test_generated_messages_round_trip(
         StatusReply(status),
     ):
         assert codec.decode(codec.encode(msg), pieces=100) == msg
+
+
+# --- Batch: many piece events in one frame ------------------------------------------------------------
+
+
+def test_batch_keeps_the_order_of_each_list() -> None:
+    codec = Codec("tok")
+    msg = Batch(have=[5, 1, 3], handed=[], cancel=[0], request=[9, 2, 7], sent=[4])
+    assert codec.decode(codec.encode(msg), pieces=10) == msg
+    assert len(msg) == 8
+
+
+def _batch(**lists: object) -> bytes:
+    fields = {"have": [], "handed": [], "cancel": [], "request": [], "sent": []} | lists
+    return _frame(_payload("batch", fields))
+
+
+@pytest.mark.parametrize(
+    "lists",
+    [
+        {"request": [4]},  # past the manifest (4 pieces)
+        {"have": [-1]},
+        {"cancel": [True]},
+        {"sent": [1.0]},
+        {"handed": ["1"]},
+        {"request": [1, 2, 1]},  # the same piece twice: refused, so a frame costs <= one step a piece
+        {"have": 3},
+        {"request": None},
+        {"request": list(range(MAX_BATCH + 1))},
+        {"have": [0], "extra": []},
+    ],
+    ids=repr,
+)
+def test_hostile_batches_raise_protocol_error(lists: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        Codec().decode(_batch(**lists), pieces=4)
+
+
+def test_batch_bounds_hold_without_a_manifest() -> None:
+    with pytest.raises(ProtocolError, match="list of <= 4096"):
+        Codec().decode(_batch(have=list(range(MAX_BATCH + 1))), pieces=None)
+
+
+def test_batch_missing_a_list_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="fields"):
+        Codec().decode(_frame(_payload("batch", {"have": [1]})), pieces=4)
+
+
+def test_a_full_batch_fits_a_frame() -> None:
+    top = list(range(1 << 20 - 1, (1 << 20) - 1 - MAX_BATCH, -1))  # the largest indices msgpack holds
+    msg = Batch(top, top, top, top, top)
+    assert Codec("tok").decode(Codec("tok").encode(msg)) == msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lists=st.lists(st.lists(st.integers(0, 99), unique=True, max_size=40), min_size=5, max_size=5),
+)
+def test_generated_batches_round_trip(lists: list[list[int]]) -> None:
+    codec = Codec("tok")
+    msg = Batch(*lists)
+    assert codec.decode(codec.encode(msg), pieces=100) == msg
