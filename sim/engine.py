@@ -264,11 +264,19 @@ class SwarmSim:
 
     def _fill_up(self, x: _Node, now: float) -> None:
         """Share x's uplink among its uploads, max-min fair, each capped by what its receiver has left."""
-        flows = list(x.ups.values())
-        if not flows:
-            x.up_sum = 0.0
+        ups = x.ups
+        if len(ups) <= 1:
+            if not ups:
+                x.up_sum = 0.0
+                return
+            for f in ups.values():  # one flow: the loop below, unrolled (the same arithmetic)
+                d = f.dst
+                cap = d.down - d.down_sum + f.rate
+                up = x.up
+                self._set_rate(f, max(0.0, cap if cap < up else up), now)
             return
-        order = sorted((f.dst.down - f.dst.down_sum + f.rate, i) for i, f in enumerate(flows))
+        flows = list(ups.values())
+        order = sorted([(f.dst.down - f.dst.down_sum + f.rate, i) for i, f in enumerate(flows)])
         left = x.up
         n = len(flows)
         for _, i in order:
@@ -284,10 +292,17 @@ class SwarmSim:
     def _fill_down(self, x: _Node, now: float) -> None:
         """Share x's downlink among its downloads, max-min fair, each capped by its sender's spare uplink."""
         flows = x.downs
-        if not flows:
-            x.down_sum = 0.0
+        if len(flows) <= 1:
+            if not flows:
+                x.down_sum = 0.0
+                return
+            f = flows[0]  # one flow: the loop below, unrolled (the same arithmetic)
+            s = f.src
+            cap = s.up - s.up_sum + f.rate
+            down = x.down
+            self._set_rate(f, max(0.0, cap if cap < down else down), now)
             return
-        order = sorted((f.src.up - f.src.up_sum + f.rate, i) for i, f in enumerate(flows))
+        order = sorted([(f.src.up - f.src.up_sum + f.rate, i) for i, f in enumerate(flows)])
         left = x.down
         n = len(flows)
         for _, i in order:

@@ -588,7 +588,8 @@ class Node:
 
     def _post(self, event: _Event) -> None:
         self._events.put(event)
-        self._wake()
+        if threading.current_thread() is not self._thread:
+            self._wake()  # the loop drains the queue before it sleeps again: no wake-up from itself
 
     # --- the control loop -------------------------------------------------------------------------
 
