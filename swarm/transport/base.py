@@ -13,7 +13,10 @@ transport moves the bytes and reports back through `Events`, from its own thread
 - Seed side: `send(peer, p)` queues piece p for the peer; completion is reported as `sent(peer, p, ok)`.
   `cancel(peer, p)` drops it if it has not started.
 - `on_message(peer, msg)`: control messages addressed to the transport (`Channel`, `Sent`), for
-  transports that need a side channel (an NCCL unique id, a "sending now" signal).
+  transports that need a side channel (an NCCL unique id, a "sending now" signal). A successful
+  `Sent` that a transport hands to `Events.notify` travels in the peer's next `Batch` (one frame per
+  loop turn) and reaches the other side's `on_message` as `Sent(piece, True)`; other messages leave
+  at once.
 - `drop(peer)` frees everything tied to one peer at once (sockets, threads, buffers, communicators), also
   when the peer died; `close()` does that for every peer and stops listening. Both are bounded in time.
 - Every blocking operation inside a transport has a timeout; a channel that times out is dropped and
