@@ -72,6 +72,7 @@ from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV
 
 from swarm.errors import DiscoveryError
+from swarm.goodbye import Watcher
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -523,6 +524,20 @@ async def _check_liveness(zc: Zeroconf, names: list[str], last_query: dict[str, 
     return expired
 
 
+def service_info(records: dict[str, Any]) -> ServiceInfo:
+    """The zeroconf ServiceInfo of an advert's records (`Advertiser._records`)."""
+    return ServiceInfo(
+        records["type"],
+        records["name"],
+        port=int(records["port"]),
+        properties=dict(records["properties"]),
+        server=records["server"],
+        host_ttl=int(records["ttl"]),
+        other_ttl=int(records["ttl"]),
+        parsed_addresses=list(records["addresses"]),
+    )
+
+
 async def _withdraw(zc: Zeroconf, info: ServiceInfo) -> None:
     broadcast = await zc.async_unregister_service(info)
     await broadcast  # all goodbye packets sent
@@ -557,6 +572,7 @@ class Advertiser:
         ttl: int = DEFAULT_TTL,
         timeout: float = DEFAULT_TIMEOUT,
         probe: bool = True,
+        watch_exit: bool = False,
     ) -> None:
         if advert.is_static:
             raise AdvertError("cannot advertise an advert without a key digest")
@@ -572,6 +588,8 @@ class Advertiser:
         self._state = "new"
         self._zc: Zeroconf | None = None
         self._info: ServiceInfo | None = None
+        self._watch_exit = watch_exit
+        self._watcher: Watcher | None = None
 
     @property
     def advert(self) -> Advert:
@@ -583,19 +601,25 @@ class Advertiser:
         return self._state == "started"
 
     def _service_info(self, advert: Advert) -> ServiceInfo:
-        return ServiceInfo(
-            SERVICE_TYPE,
-            advert.service_name,
-            port=advert.control_port,
-            properties=advert.txt(),
-            server=f"swarm-{advert.instance_id}.local.",
-            host_ttl=self._ttl,
-            other_ttl=self._ttl,
-            parsed_addresses=list(advert.addresses),
-        )
+        return service_info(self._records(advert))
+
+    def _records(self, advert: Advert) -> dict[str, Any]:
+        """The advert's records as plain data (also what the exit watcher, swarm.goodbye, is given)."""
+        return {
+            "type": SERVICE_TYPE,
+            "name": advert.service_name,
+            "port": advert.control_port,
+            "properties": advert.txt(),
+            "server": f"swarm-{advert.instance_id}.local.",
+            "ttl": self._ttl,
+            "addresses": list(advert.addresses),
+        }
 
     def start(self) -> Advertiser:
-        """Register the service; returns self. Raises NameConflictError, DiscoveryTimeout, ..."""
+        """Register the service; returns self. Raises NameConflictError, DiscoveryTimeout, ...
+
+        With ``watch_exit``, a watcher process (swarm.goodbye) withdraws the advert if this process
+        dies without closing it (SIGKILL)."""
         with self._lock:
             if self._state != "new":
                 raise DiscoveryError(f"advertiser {self._advert.instance_id} is already {self._state}")
@@ -616,6 +640,12 @@ class Advertiser:
                 zc.close()
                 raise
             self._zc, self._info, self._advert, self._state = zc, info, advert, "started"
+            if self._watch_exit:
+                bind = selection.bind if isinstance(selection.bind, list) else None
+                try:
+                    self._watcher = Watcher.start(bind, self._records(advert), self._timeout)
+                except OSError as exc:  # the advert still works; only a SIGKILL leaves it to its TTL
+                    log.warning("advert %s: no exit watcher (%s)", advert.instance_id, exc)
             log.info(
                 "advertising %s (%s %s %s) on %s at %s port %d",
                 advert.instance_id,
@@ -644,6 +674,8 @@ class Advertiser:
             info = self._service_info(advert)
             _run_on_loop(self._zc, _update(self._zc, info), self._timeout, "mDNS update")
             self._advert, self._info = advert, info
+            if self._watcher is not None:
+                self._watcher.update(self._records(advert))
             log.info("advert %s updated: %s", advert.instance_id, changes)
             return advert
 
@@ -654,6 +686,9 @@ class Advertiser:
                 return
             zc, info, was = self._zc, self._info, self._state
             self._state, self._zc, self._info = "closed", None, None
+            watcher, self._watcher = self._watcher, None
+            if watcher is not None:
+                watcher.close()  # we say goodbye ourselves, below
             if zc is None:
                 return
             try:

@@ -537,7 +537,7 @@ class Node:
         if self.config.mdns:
             # No name probe: the instance id is 48 random bits, and probing costs 0.75 s of start-up.
             self._advertiser = discovery.Advertiser(
-                self._advert(), interface=self.config.interface, probe=False
+                self._advert(), interface=self.config.interface, probe=False, watch_exit=True
             )
             self._advertiser.start()
             self._browser = discovery.Browser(key_digest=self.key.digest, interface=self.config.interface)

@@ -6,15 +6,18 @@ inside it, never at module import, so `vllm_plugin.tinymodel` and friends work w
 """
 
 LOAD_FORMAT = "swarm"
+_registered = False
 
 
 def register() -> None:
-    """Register `SwarmModelLoader` under `--load-format swarm` (idempotent)."""
-    from vllm.model_executor import model_loader
+    """Register `SwarmModelLoader` under `--load-format swarm` (once per process: vLLM warns when a load
+    format is registered again)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.model_loader import register_model_loader
 
     from vllm_plugin.loader import SwarmModelLoader
 
-    registry = getattr(model_loader, "_LOAD_FORMAT_TO_MODEL_LOADER", None)
-    if registry is not None and registry.get(LOAD_FORMAT) is SwarmModelLoader:
-        return  # already registered in this process: vLLM would warn about overwriting it
-    model_loader.register_model_loader(LOAD_FORMAT)(SwarmModelLoader)
+    register_model_loader(LOAD_FORMAT)(SwarmModelLoader)
+    _registered = True

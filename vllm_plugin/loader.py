@@ -1,21 +1,27 @@
 """`--load-format swarm`: a vLLM model loader that pulls a rank's weights from the instances already
 running, and serves them onward once it holds them.
 
-Flow of `SwarmModelLoader.load_model`, per worker rank (docs/loader.md has the long form):
+Built on vLLM's stable loader API only (vllm_plugin.compat names it, and the few version differences):
+the base class's `load_model` builds the model, calls our `load_weights`, and post-processes, on every
+supported release (0.24 to 0.33). Per worker rank (docs/loader.md has the long form):
 
-1. Build the model on the target device without weights, exactly as vLLM's default loader does
-   (`create_model` under the target device; parameters are allocated, not filled).
-2. Derive what this rank swarms (vllm_plugin.tensors: parameters and persistent buffers as loaded,
-   before post-processing, each tensor once, tied names as aliases) and its swarm key
-   (vllm_plugin.identity: model identity, dtype, quantization, vLLM version, TP/PP layout and rank).
-3. Start a swarm node on those tensors and fetch: the pieces land straight in the model's parameters,
-   each verified against its checksum. If no seed answers within the discovery time, every seed found
-   holds another manifest, or the swarm stalls past its deadline, log why and load from disk exactly as
-   vLLM's DefaultModelLoader does (`load_weights` into the same tensors); without weight files on disk,
-   fail with an error that says so.
-4. Run vLLM's post-processing (`process_weights_after_loading`) as after any load, check it left the
-   swarmed bytes as they were, then mark the node complete: it serves every piece, from its background
-   threads, until the process exits (atexit closes it and withdraws its mDNS record).
+1. `load_model` (wrapping the base class's) notes the `VllmConfig` for this load, then lets the base class
+   build the model on the target device without weights.
+2. `load_weights`, called by the base class on that model: derive what this rank swarms
+   (vllm_plugin.tensors: parameters and persistent buffers as loaded, before post-processing, each tensor
+   once, tied names as aliases) and its swarm key (vllm_plugin.identity: model identity, dtype,
+   quantization, vLLM version, TP/PP layout and rank); start a swarm node on those tensors and fetch: the
+   pieces land straight in the model's parameters, each verified against its checksum. If no seed
+   answers within the discovery time, every seed found holds another manifest, the swarm stalls past its
+   deadline, or the node cannot start, `_fallback` logs why and loads from disk exactly as vLLM's
+   `DefaultModelLoader` does, into the same tensors; without weight files on disk it fails with an error
+   that says so.
+3. The base class post-processes (`process_weights_after_loading`); back in `load_model` we check that
+   post-processing left the swarmed bytes as they were, then mark the node complete: it serves every
+   piece from its background threads until the process exits (vllm_plugin.members closes it then).
+
+A `load_weights` call outside `load_model` (vLLM's in-place weight reload) loads from disk, as the
+default loader would: the swarm only fills a model that `load_model` is building.
 
 Why the loaded stage and not the post-processed one: post-processing is platform specific and not always
 a tensor at all (on CPU it packs every linear weight into a oneDNN handle and empties the parameter), so
@@ -27,38 +33,27 @@ replaces a tensor instead of updating it in place, a serving rank keeps the load
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import gc
 import logging
-import multiprocessing.util
-import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
-from vllm.config import ModelConfig, VllmConfig
-from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
-from vllm.model_executor.model_loader.base_loader import BaseModelLoader, _has_online_quant
-from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-from vllm.model_executor.model_loader.utils import process_weights_after_loading
-from vllm.utils.torch_utils import set_default_torch_dtype
 
 from swarm.errors import ConfigError, SwarmError
 from swarm.manifest import Manifest, SwarmKey, dtype_name, piece_checksums
-from vllm_plugin import identity
+from vllm_plugin import compat, identity, members
 from vllm_plugin.options import LoaderOptions, auto_piece_size, parse_options
 from vllm_plugin.tensors import SwarmTensors, changed_tensors, replaced_bytes, swarm_tensors
 
 logger = init_logger("vllm.swarm")
 
-#: Nodes of this process, kept alive (serving) until exit. Read by tests and `status()`.
-NODES: list[Any] = []
-_NODES_LOCK = threading.Lock()
-#: What the last load_model in this process did (for tests and logs): source, bytes, peers, reason.
-LAST_LOAD: dict[str, Any] = {}
+#: Kept here for callers of earlier releases; the registry lives in vllm_plugin.members.
+NODES = members.NODES
+LAST_LOAD = members.LAST_LOAD
+status = members.status
 
 
 class WeightsMissingError(RuntimeError):
@@ -77,40 +72,6 @@ def _route_swarm_logs() -> None:
         swarm_log.propagate = False
 
 
-def _close_all_nodes() -> None:
-    with _NODES_LOCK:
-        nodes = list(NODES)
-        NODES.clear()
-    if nodes:
-        logger.info("swarm: process exit: closing %d node(s), withdrawing their mDNS records", len(nodes))
-    for node in nodes:
-        try:
-            node.close()
-        except Exception:  # exit path: report and go on closing the others
-            logger.exception("closing swarm node failed")
-
-
-atexit.register(_close_all_nodes)
-# vLLM's worker processes may be forked multiprocessing children, which leave through os._exit without
-# running atexit handlers; multiprocessing's own exit hook runs there (and Finalize runs a callback once).
-# Neither runs when vLLM shuts down by SIGKILLing its workers (what `vllm serve` does on Ctrl-C today):
-# then no mDNS goodbye is sent, the record expires after its TTL, and leechers skip an advert that does
-# not answer.
-multiprocessing.util.Finalize(None, _close_all_nodes, exitpriority=100)
-
-
-def _register_node(node: Any) -> None:
-    with _NODES_LOCK:
-        NODES.append(node)
-
-
-def _unregister_node(node: Any) -> None:
-    with _NODES_LOCK:
-        if node in NODES:
-            NODES.remove(node)
-    node.close()
-
-
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -119,10 +80,19 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-class SwarmModelLoader(BaseModelLoader):
+@dataclass
+class _Fill:
+    """What `load_weights` left for `load_model` to finish after post-processing."""
+
+    node: Any
+    swarmed: SwarmTensors
+    before: list[str] | None
+
+
+class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
     """The `swarm` load format. Options: vllm_plugin.options (also docs/loader.md)."""
 
-    def __init__(self, load_config: LoadConfig) -> None:
+    def __init__(self, load_config: Any) -> None:
         super().__init__(load_config)
         extra = load_config.model_loader_extra_config
         if not isinstance(extra, dict):
@@ -133,6 +103,16 @@ class SwarmModelLoader(BaseModelLoader):
         self.options: LoaderOptions = parse_options(extra)
         # Validate the node options now (start-up), not when the first fetch needs them.
         self._node_config(model_name="check", rank=0)
+        version = compat.engine_version()
+        if not compat.supported(version):
+            logger.warning(
+                "swarm: vLLM %s is outside the tested range %s to %s; the loader uses only vLLM's "
+                "stable loader API, but report problems with this version",
+                version,
+                *compat.SUPPORTED,
+            )
+        self._vllm_config: Any = None
+        self._fill: _Fill | None = None
 
     # --- configuration ----------------------------------------------------------------------------
 
@@ -147,76 +127,46 @@ class SwarmModelLoader(BaseModelLoader):
             values["control_port"] = values["control_port"] + rank
         return NodeConfig.from_env(env={}, model_name=model_name, **values)
 
-    def _disk_loader(self) -> DefaultModelLoader:
+    def _disk_loader(self) -> Any:
         config = dataclasses.replace(
             self.load_config, load_format="auto", model_loader_extra_config=dict(self.options.disk)
         )
-        return DefaultModelLoader(config)
+        return compat.DefaultModelLoader(config)
 
-    # --- BaseModelLoader --------------------------------------------------------------------------
+    # --- the stable loader API ----------------------------------------------------------------------
 
-    def download_model(self, model_config: ModelConfig) -> None:
+    def download_model(self, model_config: Any) -> None:
         """Nothing to download ahead of time: a leecher needs no weight files (the disk fallback looks
         for them only when it is taken)."""
 
-    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        """In-place reload of an already built model: from disk, as the default loader does (the swarm
-        fills models at build time, in `load_model`)."""
-        self._disk_loader().load_weights(model, model_config)
-
-    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+    def load_model(self, vllm_config: Any, model_config: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        """The base class's load_model, with the swarm's start (load_weights) and finish around it."""
         _route_swarm_logs()
-        device_config = vllm_config.device_config
-        load_device = device_config.device if self.load_config.device is None else self.load_config.device
-        target_device = torch.device(load_device)
-        with set_default_torch_dtype(model_config.dtype):
-            with target_device:
-                t0 = time.perf_counter()
-                model = self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-                logger.info("Initializing model took %.3f seconds", time.perf_counter() - t0)
+        self._vllm_config, self._fill = vllm_config, None
+        try:
+            model = super().load_model(vllm_config, model_config, *args, **kwargs)
+        except BaseException:
+            if self._fill is not None:
+                members.remove(self._fill.node)
+            raise
+        finally:
+            self._vllm_config = None
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            self._after_postprocess(model, fill)
+        return model
 
-            node, swarmed, before = self._fill(model, vllm_config, model_config)
-
-            gc.collect()
-            torch.accelerator.empty_cache()
-            if _has_online_quant(model):
-                from vllm.model_executor.model_loader.reload import finalize_layerwise_processing
-
-                finalize_layerwise_processing(model, model_config)
-            process_weights_after_loading(model, model_config, target_device)
-            if node is not None and swarmed is not None:
-                self._after_postprocess(node, model, swarmed, before)
-            gc.collect()
-            torch.accelerator.empty_cache()
-        return model.eval()
+    def load_weights(self, model: nn.Module, model_config: Any) -> None:
+        """Fill `model`: from the swarm when `load_model` is building it, else (an in-place reload) from
+        disk, as the default loader does."""
+        if self._vllm_config is None:
+            self._disk_loader().load_weights(model, model_config)
+            return
+        self._fill = self._fill_from_swarm(model, self._vllm_config, model_config)
 
     # --- the swarm --------------------------------------------------------------------------------
 
-    def _rank_layout(self, vllm_config: VllmConfig) -> dict[str, Any]:
-        from vllm.distributed import (
-            get_pp_group,
-            get_tensor_model_parallel_rank,
-            get_tensor_model_parallel_world_size,
-        )
-
-        pc = vllm_config.parallel_config
-        layout = {
-            "tp_size": get_tensor_model_parallel_world_size(),
-            "tp_rank": get_tensor_model_parallel_rank(),
-            "pp_size": get_pp_group().world_size,
-            "pp_rank": get_pp_group().rank_in_group,
-            "expert_layout": "",
-        }
-        if getattr(pc, "enable_expert_parallel", False):
-            from vllm.distributed import get_dp_group
-
-            layout["expert_layout"] = f"dp{get_dp_group().rank_in_group}/{pc.data_parallel_size}"
-        return layout
-
-    def swarm_key(self, vllm_config: VllmConfig, model_config: ModelConfig) -> SwarmKey:
-        import vllm
-
-        layout = self._rank_layout(vllm_config)
+    def swarm_key(self, vllm_config: Any, model_config: Any) -> SwarmKey:
         hf_config = model_config.hf_config
         ident = identity.model_identity(
             model_config.model,
@@ -232,15 +182,13 @@ class SwarmModelLoader(BaseModelLoader):
             identity=ident,
             dtype=dtype_name(model_config.dtype),
             quantization=quant,
-            engine=f"vllm-{vllm.__version__}",
-            **layout,
+            engine=f"vllm-{compat.engine_version()}",
+            **compat.rank_layout(vllm_config),
         )
 
-    def _fill(
-        self, model: nn.Module, vllm_config: VllmConfig, model_config: ModelConfig
-    ) -> tuple[Any, SwarmTensors | None, list[str] | None]:
-        """Put the weights into `model`: from the swarm, else from disk. Returns the node (serving or to
-        be marked complete), the swarmed tensors, and their checksums before post-processing."""
+    def _fill_from_swarm(self, model: nn.Module, vllm_config: Any, model_config: Any) -> _Fill | None:
+        """Put the weights into `model`: from the swarm, else from disk. Returns what `load_model` must
+        finish after post-processing, or None when this rank will not serve."""
         LAST_LOAD.clear()
         key = self.swarm_key(vllm_config, model_config)
         rank = key.pp_rank * key.tp_size + key.tp_rank
@@ -253,10 +201,8 @@ class SwarmModelLoader(BaseModelLoader):
         except ConfigError:
             raise
         except SwarmError as e:
-            logger.warning("swarm: this model cannot be swarmed (%s); loading from disk without seeding", e)
-            LAST_LOAD.update(source="disk", reason=str(e), seeding=False)
-            self._load_from_disk(model, model_config, why=str(e))
-            return None, None, None
+            self._fallback(model, model_config, f"this model cannot be swarmed ({e})", node=None)
+            return None
 
         if swarmed.aliases:
             logger.info(
@@ -274,43 +220,58 @@ class SwarmModelLoader(BaseModelLoader):
             raise
         except (SwarmError, OSError, RuntimeError) as e:  # zmq.ZMQError is a RuntimeError
             reason = f"the swarm node could not start ({type(e).__name__}: {e})"
-            if not self.options.fallback:
-                raise RuntimeError(f"--load-format swarm: {reason}, and fallback to disk is off") from e
-            logger.warning("swarm: %s; loading from disk, not seeding", reason)
-            LAST_LOAD.update(source="disk", reason=reason, seeding=False)
-            self._load_from_disk(model, model_config, why=reason)
-            return None, None, None
-        _register_node(node)
+            self._fallback(model, model_config, reason, node=None)
+            return None
+        members.add(node)
         reason = self._fetch(node, manifest)
-        if reason is None:
-            before = piece_checksums(manifest, swarmed.tensors) if self.options.verify else None
-            return node, swarmed, before
+        if reason is not None and not self._fallback(model, model_config, reason, node=node, swarmed=swarmed):
+            return None
+        before = piece_checksums(manifest, swarmed.tensors) if self.options.verify else None
+        return _Fill(node, swarmed, before)
 
+    def _fallback(
+        self,
+        model: nn.Module,
+        model_config: Any,
+        reason: str,
+        *,
+        node: Any,
+        swarmed: SwarmTensors | None = None,
+    ) -> bool:
+        """The one way to disk: say why, load from disk (or fail when fallback is off), and say whether
+        `node` (None when there is none) can serve what was loaded."""
         if not self.options.fallback:
-            _unregister_node(node)
+            if node is not None:
+                members.remove(node)
             raise RuntimeError(f"--load-format swarm: {reason}, and fallback to disk is off (fallback=false)")
-        logger.warning("swarm: %s; loading from disk instead", reason)
+        seeding = node is not None
+        logger.warning("swarm: %s; loading from disk %s", reason, "instead" if seeding else "without seeding")
+        LAST_LOAD.update(source="disk", reason=reason, seeding=seeding)
+        t0 = time.perf_counter()
         try:
             self._load_from_disk(model, model_config, why=reason)
         except BaseException:
-            _unregister_node(node)
+            if node is not None:
+                members.remove(node)
             raise
-        LAST_LOAD.update(source="disk", reason=reason)
+        LAST_LOAD["seconds"] = seconds = time.perf_counter() - t0
+        if node is None or swarmed is None:
+            return False
         moved = [n for n, t in swarmed.tensors.items() if t.data_ptr() != _live_ptr(model, n)]
         if moved:
             logger.warning("swarm: loading replaced tensors %s; not seeding", moved[:5])
-            _unregister_node(node)
+            members.remove(node)
             LAST_LOAD["seeding"] = False
-            return None, None, None
-        before = piece_checksums(manifest, swarmed.tensors) if self.options.verify else None
+            return False
         if self.options.serve:
             node.mark_complete()
             logger.info(
-                "swarm: loaded from disk; now seeding %s as %s",
-                _fmt_bytes(manifest.total_bytes),
-                key.describe(),
+                "swarm: loaded from disk; now seeding %s as %s (the disk load took %.2f s)",
+                _fmt_bytes(node.manifest.total_bytes),
+                node.key.describe(),
+                seconds,
             )
-        return node, swarmed, before
+        return True
 
     def _fetch(self, node: Any, manifest: Manifest) -> str | None:
         """Fetch every piece; None on success, else why it failed (the caller falls back)."""
@@ -319,7 +280,7 @@ class SwarmModelLoader(BaseModelLoader):
         from swarm.errors import ManifestMismatchError, NoSeedError, StallError
 
         bar = None
-        if self.load_config.use_tqdm_on_load:
+        if compat.use_tqdm(self.load_config):
             bar = tqdm(
                 total=manifest.total_bytes,
                 unit="B",
@@ -366,7 +327,7 @@ class SwarmModelLoader(BaseModelLoader):
         )
         return None
 
-    def _load_from_disk(self, model: nn.Module, model_config: ModelConfig, *, why: str) -> None:
+    def _load_from_disk(self, model: nn.Module, model_config: Any, *, why: str) -> None:
         disk = self._disk_loader()
         try:
             disk.download_model(model_config)
@@ -381,10 +342,9 @@ class SwarmModelLoader(BaseModelLoader):
             ) from None
         disk.load_weights(model, model_config)
 
-    def _after_postprocess(
-        self, node: Any, model: nn.Module, swarmed: SwarmTensors, before: list[str] | None
-    ) -> None:
+    def _after_postprocess(self, model: nn.Module, fill: _Fill) -> None:
         """Post-processing must not change the swarmed bytes in place (they are served as loaded)."""
+        node, swarmed, before = fill.node, fill.swarmed, fill.before
         kept = replaced_bytes(model, swarmed)
         if before is not None:
             manifest = node.manifest
@@ -398,11 +358,11 @@ class SwarmModelLoader(BaseModelLoader):
                     "not serve them",
                     ", ".join(changed[:8]),
                 )
-                _unregister_node(node)
+                members.remove(node)
                 LAST_LOAD["seeding"] = False
                 return
         if not self.options.serve:
-            _unregister_node(node)
+            members.remove(node)
             LAST_LOAD["seeding"] = False
             return
         LAST_LOAD["seeding"] = True
@@ -427,9 +387,3 @@ def _live_ptr(model: nn.Module, name: str) -> int:
     if t is None:
         t = module._buffers.get(leaf)
     return 0 if t is None else t.data_ptr()
-
-
-def status() -> list[dict[str, Any]]:
-    """The status of every swarm node of this process."""
-    with _NODES_LOCK:
-        return [n.status() for n in NODES]

@@ -84,6 +84,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from swarm import capture
 from swarm.errors import ConfigError, TransportError
 from swarm.manifest import Manifest, checksum, checksum_async
 from swarm.protocol import Channel, Message
@@ -689,6 +690,7 @@ class NcclTransport(Transport):
     def _run(self) -> None:
         assert self.device is not None
         torch.cuda.set_device(self.device)
+        capture.relax()  # never disturb a CUDA graph capture of the process we serve from
         active = False
         while not self._stop.is_set():
             # Poll every 0.2 ms while anything is under way (set-up, queued or in-flight pieces),

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from swarm import capture
 from swarm.errors import TransportError
 from swarm.manifest import checksum
 from swarm.transport.base import Transport
@@ -360,12 +361,8 @@ class TcpTransport(Transport):
     def _piece_buffers(self, piece: int) -> list[memoryview]:
         """The bytes of a piece as zero-copy buffers (tests override this to serve corrupt data)."""
         assert self.manifest is not None
-        out = []
-        for v in self.manifest.piece_views(self.views, piece):
-            if v.device.type != "cpu":
-                v = v.cpu()
-            out.append(v.numpy().data)
-        return out
+        # GPU views are staged through host memory in a capture-safe way (swarm.capture)
+        return [v.numpy().data for v in capture.copy_to_host(self.manifest.piece_views(self.views, piece))]
 
     def _valid_header(self, piece: int, length: int) -> bool:
         assert self.manifest is not None
@@ -377,10 +374,7 @@ class TcpTransport(Transport):
         if self.checksums is None or checksum([staged], self.manifest.checksum) != self.checksums[piece]:
             self._emit_failed(peer, piece, "bad_checksum")
             return
-        offset = 0
-        for v in self.manifest.piece_views(self.views, piece):
-            v.copy_(staged[offset : offset + v.numel()])
-            offset += v.numel()
+        capture.copy_from_host(self.manifest.piece_views(self.views, piece), staged)
         self.bytes_received += len(data)
         if self.events is not None:
             self.events.received(peer, piece)

@@ -269,3 +269,64 @@ def test_crashed_process_expires_with_its_ttl(key: str) -> None:
             assert time.monotonic() - t0 < 5  # ttl 2 s, plus the liveness check's period
     finally:
         agent.stop()
+
+
+def test_sigkilled_process_with_exit_watcher_is_withdrawn_at_once(key: str) -> None:
+    """vLLM SIGKILLs its workers: the advert's exit watcher (swarm.goodbye) says goodbye for them, so the
+    member leaves every view in about a second instead of its 60 s TTL, and the watcher exits too."""
+    agent = Agent(key, "--no-probe", "--watch-exit")
+    try:
+        started = agent.expect("started")
+        with Browser(key_digest=key, interface=IF) as browser:
+            browser.wait_for(lambda p: agent.id in ids(p), T)
+            watchers = _watchers_of(agent.proc.pid)
+            assert len(watchers) == 1, watchers
+            os.kill(agent.proc.pid, signal.SIGKILL)
+            agent.proc.wait(T)
+            t0 = time.monotonic()
+            browser.wait_for(lambda p: agent.id not in ids(p), T)
+            assert time.monotonic() - t0 < 5, "goodbye took longer than the watcher's bound"
+            assert started["advert"]["instance_id"] == agent.id
+        _wait_gone(watchers[0])
+    finally:
+        agent.stop()
+
+
+def test_exit_watcher_ends_with_a_clean_close(key: str) -> None:
+    agent = Agent(key, "--no-probe", "--watch-exit")
+    try:
+        agent.expect("started")
+        (watcher,) = _watchers_of(agent.proc.pid)
+        agent.send("withdraw")
+        agent.expect("withdrawn")
+        _wait_gone(watcher)  # closed by the advertiser, not left behind
+    finally:
+        agent.stop()
+
+
+def _watchers_of(pid: int) -> list[int]:
+    """The swarm.goodbye processes started for `pid` (they run in their own session: found by argv)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"swarm.goodbye" in argv and str(pid).encode() in argv:
+            out.append(int(d.name))
+    return out
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + T
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except OSError:
+            return
+        if state == "Z":  # exited, not yet reaped by init in this container
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"watcher {pid} still running")

@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--interface", default=None)
     parser.add_argument("--no-probe", action="store_true")
     parser.add_argument("--ttl", type=int, default=60)
+    parser.add_argument("--watch-exit", action="store_true", help="a watcher process says goodbye on SIGKILL")
     args = parser.parse_args()
 
     advert = Advert(args.id, args.key, args.model, args.rank, args.role, args.port)
@@ -54,7 +55,13 @@ def main() -> int:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:
-            with Advertiser(advert, interface=args.interface, probe=not args.no_probe, ttl=args.ttl) as adv:
+            with Advertiser(
+                advert,
+                interface=args.interface,
+                probe=not args.no_probe,
+                ttl=args.ttl,
+                watch_exit=args.watch_exit,
+            ) as adv:
                 emit(event="started", advert=dataclasses.asdict(adv.advert))
                 for line in sys.stdin:
                     words = line.split()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from vllm_plugin.tinymodel import copy_without_weights, make_tiny_model
 pytestmark = pytest.mark.vllm
 
 if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("SWARM_REQUIRE_VLLM") == "1":  # scripts/test.sh: a run that must test vLLM
+        raise RuntimeError("SWARM_REQUIRE_VLLM=1 but vLLM is not installed in this environment")
     pytest.skip("vLLM is not installed (pip install -e '.[cpu]')", allow_module_level=True)
 
 PROMPTS = ["the cat saw a dog", "hello world , one two three", "red green blue sky"]

@@ -39,6 +39,7 @@ class VllmServer:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         name: str = "vllm",
+        eager: bool = True,
     ) -> None:
         self.model = str(model)
         self.name = name
@@ -54,7 +55,7 @@ class VllmServer:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--enforce-eager",
+            *(["--enforce-eager"] if eager else []),
             "--max-model-len",
             "512",
             "--max-num-seqs",
