@@ -1,13 +1,14 @@
 """Speed of the simulator, this checkout against another one, side by side in one run.
 
     python bench/sim_speed.py --baseline /path/to/old-checkout --nodes 100 --repeat 2
-    python bench/sim_speed.py --baseline /path/to/old-checkout --nodes 1000
+    python bench/sim_speed.py --baseline /path/to/old-checkout --nodes 1000 --compiled
 
 Runs `python -m sim --strategy swarm --json` for each checkout in turn (alternating, `--repeat` times,
 so that both see the same machine load), each in a fresh process with that checkout first on the path,
 and prints the CPU seconds of each simulation (the record's `sim_cpu_s`), the ratio baseline / this,
 and whether the two produced the same results (every field but `sim_cpu_s`): a speed-up of the
-simulator must not change what it predicts.
+simulator must not change what it predicts. `--compiled` adds this checkout's run with
+`python -m sim --compiled` (sim/compiled.py; its one-time build is not timed).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def run(src: str, sim_args: list[str], timeout: float) -> list[dict[str, Any]]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+def _strip(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k not in ("sim_cpu_s", "code", "round")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -46,12 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", default="", help="write the records here")
+    ap.add_argument("--compiled", action="store_true", help="also run this checkout compiled (mypyc)")
     args = ap.parse_args(argv)
     sim_args = ["--nodes", args.nodes, "--calibration", args.calibration]
+    variants = [("baseline", args.baseline, []), ("this", ROOT, [])]
+    if args.compiled:
+        sys.path.insert(0, ROOT)
+        from sim import compiled
+
+        compiled.build()  # once, before anything is timed
+        variants.append(("compiled", ROOT, ["--compiled"]))
     rows: list[dict[str, Any]] = []
     for i in range(args.repeat):
-        for label, src in (("baseline", args.baseline), ("this", ROOT)):
-            for rec in run(src, sim_args, args.timeout):
+        for label, src, extra in variants:
+            for rec in run(src, [*sim_args, *extra], args.timeout):
                 rows.append({"code": label, "round": i, **rec})
                 print(
                     f"{label:<9} N={rec['nodes']:<6} cpu {rec['sim_cpu_s']:8.1f} s  ratio {rec['ratio']}",
@@ -60,16 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     same = True
     for n in sorted({r["nodes"] for r in rows}):
         base = [r for r in rows if r["nodes"] == n and r["code"] == "baseline"]
-        this = [r for r in rows if r["nodes"] == n and r["code"] == "this"]
-        strip = lambda r: {k: v for k, v in r.items() if k not in ("sim_cpu_s", "code", "round")}  # noqa: E731
-        same_n = all(strip(a) == strip(b) for a in base for b in this)
-        same &= same_n
         b = min(r["sim_cpu_s"] for r in base)
-        t = min(r["sim_cpu_s"] for r in this)
-        print(
-            f"N={n}: baseline {b:.1f} s, this {t:.1f} s (best of {args.repeat}): {b / t:.2f} x faster; "
-            f"results {'identical' if same_n else 'DIFFERENT'}"
-        )
+        for label, _, _ in variants[1:]:
+            this = [r for r in rows if r["nodes"] == n and r["code"] == label]
+            same_n = all(_strip(x) == _strip(y) for x in base for y in this)
+            same &= same_n
+            t = min(r["sim_cpu_s"] for r in this)
+            print(
+                f"N={n}: baseline {b:.1f} s, {label} {t:.1f} s (best of {args.repeat}): "
+                f"{b / t:.2f} x faster; results {'identical' if same_n else 'DIFFERENT'}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

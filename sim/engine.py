@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sim.scenario import Scenario
-from swarm.scheduler import Cancel, Decision, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.scheduler import Cancel, Decision, HandedOut, Request, Scheduler, SchedulerConfig, Serve
 
 # event kinds
 _ARRIVE, _FLOW, _REQ, _CANCEL, _REFUSE, _RECV, _HAVE, _LEFT, _TICK, _FAIL, _BITFIELD, _HANDED = range(12)
@@ -164,7 +166,7 @@ class SwarmSim:
                 self._push(n.fail_at, _FAIL, n)
         heap = self.heap
         pop = heapq.heappop
-        handlers = {
+        handlers: dict[int, Callable[[float, Any, Any, Any], None]] = {
             _ARRIVE: self._on_arrive,
             _FLOW: self._on_flow,
             _REQ: self._on_req,
@@ -210,23 +212,21 @@ class SwarmSim:
     def _apply(self, n: _Node, decisions: list[Decision], now: float) -> None:
         t = now + self.lat
         for d in decisions:
-            cls = d.__class__
-            if cls is Request:
+            if isinstance(d, Request):
                 self._push(t, _REQ, self.by_name[d.peer], n, d.piece)
-            elif cls is Serve:
+            elif isinstance(d, Serve):
                 dst = self.by_name[d.peer]
                 if dst.alive:
                     self._start_flow(n, dst, d.piece, now)
                 else:  # raced with its failure; the peer_left on its way will clean up
                     self._apply(n, n.sched.upload_finished(d.peer, d.piece, now, False), now)
-            elif cls is Cancel:
+            elif isinstance(d, Cancel):
                 self.cancels += 1
                 self._push(t, _CANCEL, self.by_name[d.peer], n, d.piece)
-            elif cls is HandedOut:
+            elif isinstance(d, HandedOut):
                 self._push(t, _HANDED, n, d.piece)
-            elif cls is Refuse:
+            else:
                 self.refusals += 1
-                assert isinstance(d, Refuse)
                 self._push(t, _REFUSE, self.by_name[d.peer], n, (d.piece, d.reason))
 
     def _tick(self, n: _Node, now: float) -> None:
