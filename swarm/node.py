@@ -74,6 +74,7 @@ log = logging.getLogger("swarm.node")
 
 Progress = Callable[[int, int], None]
 _HOUSEKEEPING_S = 0.25
+_DISCOVERY_POLL_S = 0.02
 _DIAL_BACKOFF_S = 2.0
 _MAX_PEX = 32
 _MAX_PROTOCOL_ERRORS = 20
@@ -641,6 +642,10 @@ class Node:
         due = s.next_timeout()
         if due is not None and due < until:
             until = due
+        if self._browser is not None and not self.complete:
+            # mDNS has no wake-up hook into this loop: a leecher looks at the browser's view this often,
+            # so that a seed found is dialed at once (_dial_news), not at the next housekeeping.
+            until = min(until, now + _DISCOVERY_POLL_S)
         return max(0, math.ceil((until - now) * 1000))
 
     def _tick(self, now: float) -> None:
