@@ -282,6 +282,8 @@ class _Outbox:
     cancel: dict[int, None] = field(default_factory=dict)
     request: dict[int, None] = field(default_factory=dict)
     sent: list[int] = field(default_factory=list)
+    busy: dict[int, None] = field(default_factory=dict)  # answers to its requests: ask later/elsewhere
+    refused: dict[int, None] = field(default_factory=dict)  # ... and: not held
 
 
 @dataclass
@@ -791,6 +793,10 @@ class Node:
             self._apply(s.upload_requested(peer.id, piece, now), now)
         for piece in msg.sent:
             self.transport.on_message(peer.id, P.Sent(piece, True))
+        for pieces, reason in ((msg.busy, "refused"), (msg.refused, "error")):
+            for piece in pieces:
+                self.transport.unexpect(peer.id, piece)
+                s.piece_failed(peer.id, piece, now, reason)
 
     def _hello(self) -> P.Hello:
         data = dict(self.data_params)
@@ -998,10 +1004,11 @@ class Node:
                 if self.transport.has_channel(peer.id):
                     self.transport.send(peer.id, d.piece)
                 else:
-                    self._send(peer, P.Reject(d.piece, True, "data channel not ready"), now)
+                    self._outbox(peer.id).busy[d.piece] = None  # the data channel is not ready
                     self._apply(self.scheduler.upload_finished(peer.id, d.piece, now, False), now)
             elif isinstance(d, Refuse):
-                self._send(peer, P.Reject(d.piece, d.reason == "busy", d.reason[:200]), now)
+                box = self._outbox(peer.id)
+                (box.busy if d.reason == "busy" else box.refused)[d.piece] = None
 
     def _drain_events(self, now: float) -> None:
         while True:
@@ -1111,12 +1118,13 @@ class Node:
             if box is None:
                 if news:
                     if shared is None:
-                        shared = [self.codec.encode(b) for b in _batches(have, handed, [], [], [])]
+                        shared = [self.codec.encode(b) for b in _batches(have, handed)]
                     for frame in shared:
                         self._send_frame(peer, frame, "batch", now)
             else:
                 h, ho = (have, handed) if news else ([], [])
-                for b in _batches(h, ho, list(box.cancel), list(box.request), box.sent):
+                lists = (box.cancel, box.request, box.sent, box.busy, box.refused)
+                for b in _batches(h, ho, *map(list, lists)):
                     self._send(peer, b, now)
 
     def _send(self, peer: _Peer, msg: P.Message, now: float) -> None:
@@ -1352,11 +1360,10 @@ class Node:
         self._fail_fetch(FetchError("the node was closed"))
 
 
-def _batches(
-    have: list[int], handed: list[int], cancel: list[int], request: list[int], sent: list[int]
-) -> list[P.Batch]:
-    """One Batch of these lists, or several when a list is longer than the protocol's bound."""
-    lists = (have, handed, cancel, request, sent)
+def _batches(have: list[int], handed: list[int], *others: list[int]) -> list[P.Batch]:
+    """One Batch of these lists (have, handed, then the per-peer ones in `Batch`'s order; missing ones
+    empty), or several when a list is longer than the protocol's bound."""
+    lists = (have, handed, *others, *([] for _ in range(len(P.Batch.SCHEMA) - 2 - len(others))))
     n = max(map(len, lists))
     step = P.MAX_BATCH
     if n <= step:

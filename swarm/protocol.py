@@ -307,10 +307,13 @@ class Batch(Message):
     The node sends at most one per peer per loop turn instead of one message per piece and event:
     `have` is the delta of its bitfield since the last one (pieces it verified this turn), `handed` the
     pieces it started to hand out as a full seed (scheduler rule 12), `cancel` and `request` its
-    download decisions for that peer, and `sent` the pieces it finished sending to that peer over the
-    data plane (completion signals, for transports that need one). The receiver applies them in that
-    order (a cancel and a later request of the same piece in one turn mean: withdraw, then ask again).
-    Each list holds distinct indices, at most `MAX_BATCH`; a longer turn is split over several frames.
+    download decisions for that peer, `sent` the pieces it finished sending to that peer over the
+    data plane (completion signals, for transports that need one), and its answers to that peer's
+    requests that will not be served: `busy` (ask again later or elsewhere) and `refused` (not held).
+    The receiver applies them in that order (a cancel and a later request of the same piece in one
+    turn mean: withdraw, then ask again). Each list holds distinct indices, at most `MAX_BATCH`; a
+    longer turn is split over several frames. So a frame of requests is answered by at most one frame
+    of refusals, not one message a piece.
     """
 
     TYPE: ClassVar[str] = "batch"
@@ -320,15 +323,19 @@ class Batch(Message):
         "cancel": Pieces(),
         "request": Pieces(),
         "sent": Pieces(),
+        "busy": Pieces(),
+        "refused": Pieces(),
     }
     have: list[int]
     handed: list[int]
     cancel: list[int]
     request: list[int]
     sent: list[int]
+    busy: list[int]
+    refused: list[int]
 
     def __len__(self) -> int:
-        return len(self.have) + len(self.handed) + len(self.cancel) + len(self.request) + len(self.sent)
+        return sum(len(getattr(self, name)) for name in self.SCHEMA)
 
 
 @dataclass(frozen=True)

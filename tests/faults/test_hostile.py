@@ -7,6 +7,7 @@ printed (pytest -s) and reported by bench/faults.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -291,3 +292,26 @@ def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
         wait_until(lambda: len(swarm_threads()) <= before[0], 5, "their threads to end")
         assert resources().fds <= before[1] + 2
         assert alive(seed)
+
+
+def test_a_batch_of_requests_is_refused_in_one_frame() -> None:
+    """An accepted peer that asks for every piece at once gets the refusals of that frame in one Batch
+    frame, not one message a piece (no amplification: one frame in, one frame out)."""
+    with closing(seed_node()) as (seed,):
+        client = RawClient(seed.control_port)
+        codec = P.Codec()
+        try:
+            hello = seed._hello()
+            client.send(codec.encode(dataclasses.replace(hello, peer_id="raw-peer", role="leecher", data={})))
+            first = decoded(client.replies(wait_s=2.0, limit=2), codec)
+            assert [type(m) for m in first] == [P.Hello, P.Bitfield]
+            k = len(seed.manifest.pieces)
+            client.send(codec.encode(P.Batch([], [], [], list(range(k)), [], [], [])))
+            replies = decoded(client.replies(wait_s=1.5), codec)
+        finally:
+            client.close()
+        batches = [m for m in replies if isinstance(m, P.Batch)]
+        assert not [m for m in replies if isinstance(m, P.Reject)]
+        assert len(batches) == 1, replies
+        # it has no data channel: every request is answered busy (past the slots and queue, or no channel)
+        assert sorted(batches[0].busy) == list(range(k))

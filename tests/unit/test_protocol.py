@@ -56,7 +56,7 @@ EXAMPLES = [
     HandedOut(3),
     Request(3),
     Cancel(0),
-    Batch([0, 3], [1], [2], [3, 1], [0]),
+    Batch([0, 3], [1], [2], [3, 1], [0], [2], [1]),
     Reject(1, True, "busy"),
     Sent(1, True),
     Channel("nccl", {"uid": b"\x00" * 128, "rank": 0}),
@@ -224,13 +224,13 @@ def test_generated_messages_round_trip(
 
 def test_batch_keeps_the_order_of_each_list() -> None:
     codec = Codec("tok")
-    msg = Batch(have=[5, 1, 3], handed=[], cancel=[0], request=[9, 2, 7], sent=[4])
+    msg = Batch(have=[5, 1, 3], handed=[], cancel=[0], request=[9, 2, 7], sent=[4], busy=[8], refused=[])
     assert codec.decode(codec.encode(msg), pieces=10) == msg
-    assert len(msg) == 8
+    assert len(msg) == 9
 
 
 def _batch(**lists: object) -> bytes:
-    fields = {"have": [], "handed": [], "cancel": [], "request": [], "sent": []} | lists
+    fields = {name: [] for name in Batch.SCHEMA} | lists
     return _frame(_payload("batch", fields))
 
 
@@ -242,6 +242,8 @@ def _batch(**lists: object) -> bytes:
         {"cancel": [True]},
         {"sent": [1.0]},
         {"handed": ["1"]},
+        {"busy": [0, 0]},
+        {"refused": [9]},
         {"request": [1, 2, 1]},  # the same piece twice: refused, so a frame costs <= one step a piece
         {"have": 3},
         {"request": None},
@@ -267,13 +269,13 @@ def test_batch_missing_a_list_is_refused() -> None:
 
 def test_a_full_batch_fits_a_frame() -> None:
     top = list(range(1 << 20 - 1, (1 << 20) - 1 - MAX_BATCH, -1))  # the largest indices msgpack holds
-    msg = Batch(top, top, top, top, top)
+    msg = Batch(top, top, top, top, top, top, top)
     assert Codec("tok").decode(Codec("tok").encode(msg)) == msg
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    lists=st.lists(st.lists(st.integers(0, 99), unique=True, max_size=40), min_size=5, max_size=5),
+    lists=st.lists(st.lists(st.integers(0, 99), unique=True, max_size=40), min_size=7, max_size=7),
 )
 def test_generated_batches_round_trip(lists: list[list[int]]) -> None:
     codec = Codec("tok")
