@@ -20,9 +20,10 @@ are announced (Have) or served.
 
 Control plane: piece events leave in batches. Within one turn of the loop (everything read from the
 sockets and the transport's queue, then one scheduler tick), the haves of the pieces verified, the
-hand-out hints, and each peer's requests, cancels and completion signals are collected, and each peer
-gets one `Batch` frame at the end of the turn (`_flush`), so the cost per piece of the control plane
-falls with the load. The loop sleeps until a socket, the transport or the scheduler's own next timeout
+hand-out hints, and each peer's requests, cancels, completion signals and refusals of its requests are
+collected, and each peer gets one `Batch` frame at the end of the turn (`_flush`), so the cost per
+piece of the control plane falls with the load (and a frame of requests is answered by one frame).
+The loop sleeps until a socket, the transport or the scheduler's own next timeout
 (`Scheduler.next_timeout`) needs it, and housekeeping (pings, dials, fetch supervision) every 0.25 s.
 
 Liveness: any message proves a peer alive; idle links are pinged every `peer_timeout_s / 3`; a peer silent
