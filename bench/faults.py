@@ -183,7 +183,7 @@ def leechers_killed(rec: Record, rounds: int) -> None:
                     os.kill(p.pid, signal.SIGKILL)
                 t0 = time.monotonic()
                 rec.runs += len(procs)
-                t = seed.transport
+                t = H.tcp_of(seed)
 
                 def freed() -> bool:
                     return not seed._peers and not t._senders and H.swarm_threads() == threads  # noqa: B023
@@ -209,6 +209,7 @@ def hostile(rec_fuzz: Record, rec_flood: Record, examples: int) -> None:
     from swarm import protocol as P
     from swarm.transport.tcp import TcpTransport
     from tests.faults import hostile as F
+    from tests.faults.attack import sealed_elsewhere
     from tests.faults.test_hostile import TOKEN
 
     cfg = settings(
@@ -231,7 +232,8 @@ def hostile(rec_fuzz: Record, rec_flood: Record, examples: int) -> None:
             @given(data=st.data())
             def insider(data: st.DataObject) -> None:
                 items = data.draw(F.insider_messages(d.target()))
-                d.run([f for f in (F.encode_any(d.codec, x) for x in items) if f is not None])
+                session = d.session()
+                d.run([f for f in (F.encode_any(session, x) for x in d.as_member(items)) if f is not None])
 
             return insider  # type: ignore[no-any-return]
 
@@ -242,14 +244,16 @@ def hostile(rec_fuzz: Record, rec_flood: Record, examples: int) -> None:
                 failures.append(f"insider {i}: {e}"[:300])
         stranger_ok = True
         d = drivers[2]
-        valid = [P.Codec(TOKEN).encode(m) for m in (P.StatusQuery(), P.Request(0), seed._hello())]
+        other = sealed_elsewhere(TOKEN)  # frames of another member's session: a recording
+        valid = [other.encode(m) for m in (P.StatusQuery(), P.Request(0), seed._hello())]
 
         @cfg
         @given(data=st.data())
         def stranger(data: st.DataObject) -> None:
             nonlocal stranger_ok
             frames = data.draw(F.stranger_frames(TOKEN, valid))
-            replies = [m for m in d.run(frames) if not isinstance(m, P.StatusReply)]
+            d.session()
+            replies = [m for m in d.run(frames, stranger=True) if not isinstance(m, P.StatusReply)]
             stranger_ok = stranger_ok and all(isinstance(m, P.Error) for m in replies)
 
         try:

@@ -21,6 +21,12 @@ no download. Cases (each with end-to-end time, communicator set-up included, and
   (default settings, then under a rate cap);
 - binding: one c10d ProcessGroupNCCL per pair (with a store) against the ctypes binding: set-up,
   64 MiB-piece bandwidth, abort.
+- ipc (one GPU, every member a process of its own): the primitive (k readers map the seed's export
+  through swarm.transport.ipc and copy plus verify the whole model, piece by piece on 4 streams, all at
+  once; best of --ipc-rounds), and the swarm (seed + k leecher nodes, transport "auto", which picks CUDA
+  IPC): end-to-end from the leechers' node start (static peers on loopback, handshake included) and
+  transfer-only (first copy to last verified piece, as the transport timed them); k = 1 and 3. Then a
+  bf16 matmul loop in the seed alone and while 3 leechers pull.
 
 Output: a table (ratios to the pair floor), and with --json a list of records with at least `case`,
 `leechers`, `bytes`, `e2e_s`, `transfer_s`.
@@ -55,7 +61,7 @@ for _k, _v in SAFE_ENV.items():
 import torch  # noqa: E402
 
 from swarm.manifest import Manifest, as_bytes, checksum_async, piece_checksums  # noqa: E402
-from swarm.protocol import Channel, Codec, Request  # noqa: E402
+from swarm.protocol import Channel, Request, decode_payload, pack  # noqa: E402
 from swarm.transport.base import Events  # noqa: E402
 from swarm.transport.nccl import (  # noqa: E402
     NCCL_IN_PROGRESS,
@@ -80,6 +86,7 @@ ALL_CASES = (
     "disk",
     "cpu_costs",
     "control",
+    "ipc",
 )
 
 # --- the synthetic model -----------------------------------------------------------------------------
@@ -270,7 +277,6 @@ class MiniNode:
     ) -> None:
         self.me = me
         self.inboxes = inboxes
-        self.codec = Codec()
         self.transport = transport
         self.cond = threading.Condition()
         self.done: set[int] = set()
@@ -300,7 +306,7 @@ class MiniNode:
         self.thread.start()
 
     def _notify(self, peer: str, msg: Any) -> None:
-        self.inboxes[peer].put((self.me, self.codec.encode(msg)))
+        self.inboxes[peer].put((self.me, pack(msg)))
 
     def _loop(self) -> None:
         box = self.inboxes[self.me]
@@ -309,7 +315,7 @@ class MiniNode:
                 src, frame = box.get(timeout=0.05)
             except queue.Empty:
                 continue
-            msg = self.codec.decode(frame)
+            msg = decode_payload(frame)
             if isinstance(msg, Channel):
                 self.transport.on_message(src, msg)
             elif isinstance(msg, Request):
@@ -1476,6 +1482,230 @@ def run_control(args: Any) -> list[dict[str, Any]]:
     return records
 
 
+# --- ipc: one GPU, one process a member ----------------------------------------------------------------
+
+
+def _hex(sums: torch.Tensor) -> str:
+    s1, s2 = (int(v) & 0xFFFFFFFFFFFFFFFF for v in sums.tolist())
+    return f"{s1:016x}{s2:016x}"
+
+
+def ipc_primitive_main(opts: dict[str, Any], results: Any, commands: Any) -> None:
+    """Rank 0 exports the model through swarm.transport.ipc; every other rank maps it once and, at each
+    "go", copies and verifies the whole model piece by piece on the transport's streams: no node, no
+    scheduler, no control message (the floor the swarm is held to)."""
+    from tests.gpu.members import SAFE_ENV as ENV
+    from tests.gpu.members import wait_for
+
+    os.environ.update(ENV)
+    rank = opts["rank"]
+    try:
+        from swarm.transport.ipc import IpcTransport
+
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        tensors = make_model(llama_spec(), device, random=rank == 0, seed=77)
+        manifest = Manifest.from_tensors(tensors, piece_size=opts["piece_mib"] << 20)
+        t = IpcTransport(device)
+        t.bind(manifest, tensors, Events(*(5 * [lambda *a: None])))
+        if rank == 0:
+            sums = piece_checksums(manifest, tensors)
+            results.put(
+                {
+                    "rank": 0,
+                    "event": "export",
+                    "export": t._export_once(),
+                    "checksums": sums,
+                    "bytes": manifest.total_bytes,
+                }
+            )
+            wait_for(commands, "stop", 600.0)
+            return
+        msg = commands.get(timeout=300)
+        t0 = time.perf_counter()
+        views = t._map(msg["export"])
+        torch.cuda.synchronize()
+        results.put({"rank": rank, "event": "mapped", "open_s": time.perf_counter() - t0})
+        while True:
+            cmd = commands.get(timeout=600)
+            if cmd != "go":
+                break
+            start = time.time()
+            sums = []
+            for p in range(len(manifest.pieces)):
+                torch.cuda.set_stream(t._streams[p % len(t._streams)])
+                dst = manifest.piece_views(t.views, p)
+                for d, x in zip(dst, manifest.piece_views(views, p), strict=True):
+                    d.copy_(x, non_blocking=True)
+                sums.append(t._checksum(dst))
+            torch.cuda.synchronize()
+            end = time.time()
+            ok = [_hex(x) for x in sums] == msg["checksums"]
+            results.put({"rank": rank, "event": "round", "start": start, "end": end, "verified": ok})
+    except Exception:
+        results.put({"rank": rank, "event": "error", "error": traceback.format_exc()})
+
+
+def _ipc_primitive(args: Any, ks: list[int], piece_mib: int) -> list[dict[str, Any]]:
+    from tests.gpu.members import Members
+
+    readers = max(ks)
+    m = Members()
+    out = []
+    try:
+        for r in range(readers + 1):
+            m.start({"rank": r, "piece_mib": piece_mib}, target=ipc_primitive_main)
+        export = m.event(0, "export", 300)
+        for r in range(1, readers + 1):
+            m.tell(r, {"export": export["export"], "checksums": export["checksums"]})  # type: ignore[arg-type]
+        opened = [m.event(r, "mapped", 300)["open_s"] for r in range(1, readers + 1)]
+        for k in ks:
+            rounds = []
+            for _ in range(args.ipc_rounds):
+                m.records = [x for x in m.records if x.get("event") != "round"]
+                for r in range(1, k + 1):
+                    m.tell(r, "go")
+                rows = [m.event(r, "round", 300) for r in range(1, k + 1)]
+                rounds.append((max(x["end"] for x in rows) - min(x["start"] for x in rows), rows))
+            best, rows = min(rounds, key=lambda x: x[0])
+            out.append(
+                {
+                    "case": "ipc_primitive",
+                    "leechers": k,
+                    "bytes": export["bytes"],
+                    "transfer_s": best,
+                    "e2e_s": best + max(opened[:k]),
+                    "open_s": max(opened[:k]),
+                    "rounds_s": [round(x[0], 5) for x in rounds],
+                    "verified": all(x["verified"] for x in rows),
+                    "piece_mib": piece_mib,
+                }
+            )
+    finally:
+        m.close()
+    return out
+
+
+def _ipc_swarm(
+    args: Any, k: int, piece_mib: int, *, matmul_s: float = 0.0, warm: bool = True
+) -> list[dict[str, Any]]:
+    """Seed + k leecher processes; `warm`: each leecher builds the fused checksum kernel (Triton) before
+    its node starts, as a process that already ran one would (else the first node start pays it)."""
+    from tests.gpu.members import Members
+
+    m = Members()
+    ports = [free_port() for _ in range(k + 1)]
+    base = {"ports": ports, "model": "llama8b", "seed": 77, "piece_mib": piece_mib, "warm_checksum": warm}
+    out: list[dict[str, Any]] = []
+    try:
+        m.start({**base, "rank": 0, "role": "seed", "peers": [], "matmul_s": matmul_s})
+        m.event(0, "ready", 300)
+        for r in range(1, k + 1):
+            peers = [j for j in range(k + 1) if j != r]
+            m.start(
+                {
+                    **base,
+                    "rank": r,
+                    "role": "leecher",
+                    "peers": peers,
+                    "wait_go": True,
+                    "check": False,
+                    "progress": False,
+                }
+            )
+        for r in range(1, k + 1):
+            m.event(r, "waiting", 300)
+        if matmul_s:
+            time.sleep(2.0)  # the matmul loop alone first
+        go = time.time()
+        for r in range(1, k + 1):
+            m.tell(r, "go")
+        rows = [m.event(r, "done", 300) for r in range(1, k + 1)]
+        first = min(x["stats"]["ipc"]["first_copy_t"] for x in rows)
+        last = max(x["stats"]["ipc"]["last_verified_t"] for x in rows)
+        nbytes = rows[0]["bytes"]
+        out.append(
+            {
+                "case": "ipc_swarm" if warm else "ipc_swarm_cold",
+                "leechers": k,
+                "bytes": nbytes,
+                "e2e_s": max(x["end"] - x["start"] for x in rows),
+                # where the end-to-end time goes, per leecher (seconds from its node's construction)
+                "breakdown": [
+                    {
+                        "made": x["made"] - x["start"],
+                        "started": x["started"] - x["start"],
+                        "mapped": x["stats"]["ipc"].get("imported_t", 0) - x["start"],
+                        "first_copy": x["stats"]["ipc"]["first_copy_t"] - x["start"],
+                        "last_verified": x["stats"]["ipc"]["last_verified_t"] - x["start"],
+                        "end": x["end"] - x["start"],
+                    }
+                    for x in rows
+                ],
+                "transfer_s": last - first,
+                "transfer_s_each": [
+                    x["stats"]["ipc"]["last_verified_t"] - x["stats"]["ipc"]["first_copy_t"] for x in rows
+                ],
+                "ipc_bytes": [x["stats"]["ipc"]["bytes_received"] for x in rows],
+                "paths": [sorted(set(x["stats"]["status_paths"].values())) for x in rows],
+                "peers_used": [len(x["from"]) for x in rows],
+                "piece_mib": piece_mib,
+            }
+        )
+        if matmul_s:
+            time.sleep(2.5)  # the matmul loop alone again, after the transfer
+            for r in range(0, k + 1):
+                m.tell(r, "stop")
+            samples = m.event(0, "matmul", 120)["samples"]
+            alone = [ms for t, ms in samples if go - 1.8 <= t < go]
+            after = [ms for t, ms in samples if last + 0.3 <= t < last + 2.0]
+            during = [ms for t, ms in samples if first <= t <= last + ms / 1e3]
+            med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
+            out.append(
+                {
+                    "case": "ipc_matmul",
+                    "leechers": k,
+                    "alone_ms": med(alone),
+                    "during_ms": med(during),
+                    "during_mean_ms": sum(during) / len(during) if during else float("nan"),
+                    "after_ms": med(after),
+                    "slowdown": (med(during) / med(alone)) if alone and during else float("nan"),
+                    "samples_alone": len(alone),
+                    "samples_during": len(during),
+                    "window_s": last - first,
+                    "piece_mib": piece_mib,
+                }
+            )
+    finally:
+        m.close()
+    return out
+
+
+def run_ipc(args: Any) -> list[dict[str, Any]]:
+    """The `ipc` case (see the module docstring), with ratios of the swarm to the primitive."""
+    ks = args.ipc_leechers
+    records: list[dict[str, Any]] = []
+    for mib in args.ipc_piece_mib:
+        records += _ipc_primitive(args, ks, mib)
+        for k in ks:
+            records += _ipc_swarm(args, k, mib)
+    records += _ipc_swarm(args, min(ks), args.ipc_piece_mib[0], warm=False)
+    records += _ipc_swarm(args, max(ks), args.ipc_piece_mib[0], matmul_s=120.0)
+    prim = {(r["leechers"], r["piece_mib"]): r for r in records if r["case"] == "ipc_primitive"}
+    for r in records:
+        p = prim.get((r["leechers"], r.get("piece_mib")))
+        if r["case"].startswith("ipc_swarm") and p is not None:
+            r["transfer_vs_primitive"] = r["transfer_s"] / p["transfer_s"]
+            r["slowest_leecher_vs_primitive"] = max(r["transfer_s_each"]) / p["transfer_s"]
+            r["e2e_vs_primitive"] = r["e2e_s"] / p["e2e_s"]
+            r["GBps_per_leecher"] = r["bytes"] / r["transfer_s"] / 1e9
+    device = torch.cuda.get_device_name(0)
+    for r in records:
+        r["device"] = device
+        print(f"record {json.dumps(r)}", flush=True)
+    return records
+
+
 # --- the parent ------------------------------------------------------------------------------------
 
 
@@ -1575,6 +1805,11 @@ def main(argv: list[str] | None = None) -> int:
         "side by side, and print the ratios",
     )
     ap.add_argument("--swarm-piece-mib", default="64,256", help="swarm cases: piece sizes to try (MiB)")
+    ap.add_argument(
+        "--ipc-piece-mib", default="256,1024", help="ipc: piece sizes (MiB); the first is the default"
+    )
+    ap.add_argument("--ipc-rounds", type=int, default=3, help="ipc: rounds of the primitive (best kept)")
+    ap.add_argument("--ipc-leechers", default="1,3", help="ipc: leecher counts")
     ap.add_argument("--timeout", type=float, default=540.0)
     ap.add_argument("--json", default="", help="write the records here ('-' for stdout)")
     args = ap.parse_args(argv)
@@ -1584,17 +1819,21 @@ def main(argv: list[str] | None = None) -> int:
     args.control_sched = ["default", "nvlink"] if args.control_sched == "both" else [args.control_sched]
     args.sched = ["default", "nvlink"] if args.sched == "both" else [args.sched]
     args.swarm_piece_mib = [int(x) for x in str(args.swarm_piece_mib).split(",") if x]
+    args.ipc_leechers = [int(x) for x in str(args.ipc_leechers).split(",") if x]
+    args.ipc_piece_mib = [int(x) for x in str(args.ipc_piece_mib).split(",") if x]
     unknown = set(args.cases) - set(ALL_CASES)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(ALL_CASES)}")
     if args.device == "cpu" and args.cases != ["control"]:
         ap.error("--device cpu runs only the control case: add --cases control")
     records = []
-    gpu_cases = [c for c in args.cases if c != "control"]
+    gpu_cases = [c for c in args.cases if c not in ("control", "ipc")]
     if gpu_cases:
         records += run(argparse.Namespace(**{**vars(args), "cases": gpu_cases}))
     if "control" in args.cases:
         records += run_control(args)
+    if "ipc" in args.cases:
+        records += run_ipc(args)
     out = json.dumps(records, indent=1)
     if args.json == "-":
         print(out)

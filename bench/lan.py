@@ -107,7 +107,8 @@ def run_agent(args: argparse.Namespace) -> int:
     # What Node imports lazily (zeroconf: ~0.2 s) belongs to process start-up, not to the fetch.
     import swarm.discovery
     import swarm.transport.tcp  # noqa: F401
-    from swarm.node import Node, NodeConfig, parse_size
+    from swarm.node import Node, NodeConfig
+    from swarm.options import parse_size
     from swarm.scheduler import SchedulerConfig
     from swarm.synthetic import synthetic_key, synthetic_tensors
 
@@ -313,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rate-mbit", type=float, default=200.0, help="B: every link's rate, both ways")
     parser.add_argument(
-        "--size", default="100MB", help="M: synthetic model size (binary units: 100MB = 100 MiB)"
+        "--size", default="100MiB", help="M: synthetic model size (100MB = 10^8 bytes, 100MiB = 2^20 x 100)"
     )
-    parser.add_argument("--piece-size", default="256KB", help="piece size (default 256 KiB: ~10 ms at B)")
+    parser.add_argument("--piece-size", default="256KiB", help="piece size (default 256 KiB: ~10 ms at B)")
     parser.add_argument("--leechers", type=int, default=7)
     parser.add_argument("--phases", default="swarm,naive", help="comma-separated, in order: swarm, naive")
     parser.add_argument("--repeat", type=int, default=1, help="run the phases this many times (medians)")
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/lan.py: cannot build the namespaced LAN: {reason}", file=sys.stderr)
         return 2
     from swarm.manifest import Manifest
-    from swarm.node import parse_size
+    from swarm.options import parse_size
     from swarm.synthetic import synthetic_tensors
 
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]

@@ -36,3 +36,14 @@ for v in ${SWARM_VLLM_VERSIONS:-0.32 0.28}; do
         *) echo "setup.sh: unknown vLLM version $v in SWARM_VLLM_VERSIONS (known: 0.32 0.28)" >&2; exit 2 ;;
     esac
 done
+# dnsmasq: the real DNS server that tests/integration/test_dns_peers.py starts on loopback (the tests skip,
+# saying so, without it). Debian's dnsmasq-base is the binary alone (no service). Only as root with apt-get,
+# and only when it is missing.
+if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ] && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+    if ! apt-get install -y -q dnsmasq-base >/dev/null 2>&1; then
+        apt-get update -q >/dev/null 2>&1 || true
+        apt-get install -y -q dnsmasq-base >/dev/null 2>&1 \
+            || echo "setup.sh: could not install dnsmasq-base; the DNS discovery tests will be skipped" >&2
+    fi
+fi

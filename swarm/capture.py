@@ -47,10 +47,13 @@ def _libcuda() -> ctypes.CDLL:
         return _driver
 
 
-def relax() -> None:
-    """Put the calling thread in the relaxed stream-capture mode (once per thread)."""
+def relax(device: torch.device | None = None) -> None:
+    """Put the calling thread in the relaxed stream-capture mode (once per thread). With `device`, first
+    make that device's context current in this thread (a new thread has none)."""
     if getattr(_local, "relaxed", False):
         return
+    if device is not None:
+        torch.cuda.set_device(device)
     mode = ctypes.c_int(_RELAXED)
     try:
         rc = _libcuda().cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))
@@ -78,7 +81,7 @@ def copy_to_host(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if v.device.type != "cuda":
             out.append(v)
             continue
-        relax()
+        relax(v.device)
         stream = side_stream(v.device)
         with torch.cuda.stream(stream):
             host = v.to("cpu", non_blocking=True)
@@ -97,7 +100,7 @@ def copy_from_host(views: Sequence[torch.Tensor], data: torch.Tensor) -> None:
         if v.device.type != "cuda":
             v.copy_(src)
             continue
-        relax()
+        relax(v.device)
         stream = side_stream(v.device)
         with torch.cuda.stream(stream):
             v.copy_(src, non_blocking=True)

@@ -1,11 +1,15 @@
 """`swarm`: the command line.
 
 - `swarm status`: every swarm member on the LAN (mDNS, plus SWARM_PEERS / --peers), asked over the
-  control plane for its status, shown as one table (`--json` for scripts, `--watch` for a live view).
+  control plane for its status, shown as one table (`--json` for scripts, `--prometheus` in Prometheus
+  text format, `--watch` for a live view). It reads the same SWARM_* variables as a member.
   Exits 1 when no member answers, saying what to check.
 - `swarm seed --synthetic SIZE` / `swarm fetch --synthetic SIZE`: a standalone member without vLLM
   holding a synthetic model (swarm.synthetic) of SIZE bytes, for demos, tests and benchmarks. `fetch`
   shows a progress bar, verifies the result, and keeps seeding unless `--exit`.
+
+Flags of node options come from the one schema (swarm.options): the same parsing, units and one-line
+errors as the SWARM_* variables and the vLLM loader's options.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from swarm import options
 from swarm import protocol as P
 from swarm.errors import SwarmError
 
@@ -35,13 +41,16 @@ STATUS_COLUMNS = [
     ("up_Bps", "up"),
     ("down_Bps", "down"),
     ("peers", "peers"),
+    ("paths", "paths (peer: data path)"),
     ("uptime_s", "uptime"),
 ]
 
 
 def query_status(host: str, port: int, *, token: str | None, timeout_s: float = 2.0) -> dict[str, Any] | None:
     """Ask one node for its status over the control plane; None if it does not answer in time."""
-    codec = P.Codec(token)
+    from swarm.identity import Identity
+
+    session = P.Session(P.Codec(token), Identity(), dialer=True)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -51,28 +60,41 @@ def query_status(host: str, port: int, *, token: str | None, timeout_s: float = 
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(f"tcp://{addr}:{port}")
-        sock.send(codec.encode(P.StatusQuery()))
+        sock.send(session.open())
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not sock.poll(int(left * 1000)):
                 break
             try:
-                msg = codec.decode(sock.recv())
+                msg, answer = session.receive(sock.recv())
             except SwarmError:
                 return None
-            if isinstance(msg, P.StatusReply):
+            if answer is not None:  # the session is up: ask
+                sock.send(answer)
+                sock.send(session.encode(P.StatusQuery()))
+            elif isinstance(msg, P.StatusReply):
                 return msg.status
+            elif isinstance(msg, P.Error):
+                return None
         return None
     finally:
         sock.close(0)
 
 
 def collect_status(
-    *, peers: str | None, interface: str | None, mdns: bool, browse_s: float, token: str | None
+    *,
+    peers: str | None,
+    interface: str | None,
+    mdns: bool,
+    browse_s: float,
+    token: str | None,
+    dns_server: str | None = None,
 ) -> list[dict[str, Any]]:
     from swarm import discovery
 
-    found = discovery.discover(None, timeout=browse_s, interface=interface, static=peers, mdns=mdns)
+    found = discovery.discover(
+        None, timeout=browse_s, interface=interface, static=peers, mdns=mdns, dns_server=dns_server
+    )
     rows: dict[str, dict[str, Any]] = {}
     threads = []
     lock = threading.Lock()
@@ -103,6 +125,8 @@ def _fmt(key: str, value: Any) -> str:
         return _rate(float(value))
     if key == "pieces" and isinstance(value, int):
         return str(value)
+    if key == "paths" and isinstance(value, dict):
+        return ", ".join(f"{str(peer)[:6]}: {path}" for peer, path in sorted(value.items())) or "-"
     if key == "uptime_s":
         s = int(value)
         return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -146,16 +170,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
+    # The same options, environment and errors as a member's (SWARM_TOKEN, SWARM_INTERFACE, SWARM_MDNS...).
+    config = _node_config(args, DISCOVERY_OPTIONS)
+    browse_s = options.cli_value(options.Seconds(maximum=3600), args.timeout, "--timeout")
+    interval = options.cli_value(options.Seconds(maximum=3600), args.interval, "--interval")
     # Not a terminal (a pipe, a log): a wide table rather than one folded to 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 200)
 
     def fetch() -> list[dict[str, Any]]:
         return collect_status(
-            peers=args.peers,
-            interface=args.interface,
-            mdns=not args.no_mdns,
-            browse_s=args.timeout,
-            token=args.token,
+            peers=config.peers,
+            interface=config.interface,
+            mdns=config.mdns,
+            browse_s=browse_s,
+            token=config.token,
+            dns_server=config.dns_server,
         )
 
     if args.watch:
@@ -163,11 +192,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             try:
                 while True:
                     live.update(render_table(fetch()))
-                    time.sleep(args.interval)
+                    time.sleep(interval)
             except KeyboardInterrupt:
                 return 0
     rows = fetch()
-    if args.json:
+    if args.prometheus:
+        from swarm import metrics
+
+        sys.stdout.write(metrics.status_exposition(rows))
+    elif args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
     elif rows:
         console.print(render_table(rows))
@@ -177,22 +210,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_config(args: argparse.Namespace) -> Any:
-    from swarm.node import NodeConfig, parse_size
+#: Options that say how to reach the swarm: every command takes them.
+DISCOVERY_OPTIONS = ("peers", "interface", "mdns", "token", "token_file", "dns_server")
+#: The other options of a node: `swarm seed` and `swarm fetch` take every one as a flag.
+MEMBER_OPTIONS = tuple(n for n in options.NODE_OPTIONS if n not in DISCOVERY_OPTIONS)
 
-    return NodeConfig.from_env(
-        token=args.token,
-        peers=args.peers,
-        interface=args.interface,
-        host=args.host,
-        control_port=args.port,
-        mdns=False if args.no_mdns else None,
-        piece_size=parse_size(args.piece_size) if args.piece_size else None,
-        discovery_timeout_s=args.discovery_timeout,
-        stall_timeout_s=args.stall_timeout,
-        rate_cap=parse_size(args.rate_cap) if args.rate_cap else None,
-        model_name="synthetic",
-    )
+
+def _node_config(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
+    """Flags over SWARM_* variables over defaults, through the one schema (swarm.options)."""
+    from swarm.node import NodeConfig
+
+    return NodeConfig.from_env(model_name="synthetic", **options.from_cli(args, names))
+
+
+def _synthetic_size(args: argparse.Namespace) -> int:
+    # A synthetic model lives in host memory (twice on a leecher that verifies): bounded by it.
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    kind = options.Size(minimum=1000, maximum=memory // 2)
+    value: int = options.cli_value(kind, args.synthetic, "--synthetic")
+    return value
 
 
 def _wait_for_signal(node: Any, duration: float | None) -> None:
@@ -203,17 +239,19 @@ def _wait_for_signal(node: Any, duration: float | None) -> None:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from swarm.node import Node, parse_size
+    from swarm.node import Node
     from swarm.synthetic import synthetic_key, synthetic_tensors
 
-    size = parse_size(args.synthetic)
+    size = _synthetic_size(args)
+    config = _node_config(args, MEMBER_OPTIONS + DISCOVERY_OPTIONS)
+    duration = _duration(args)
     tensors = synthetic_tensors(size)
-    with Node(synthetic_key(size), tensors, _node_config(args), complete=True) as node:
+    with Node(synthetic_key(size), tensors, config, complete=True) as node:
         print(
             f"seeding synthetic model of {size / 1e6:.0f} MB as {node.id} on {node.host}:{node.control_port}",
             flush=True,
         )
-        _wait_for_signal(node, args.duration)
+        _wait_for_signal(node, duration)
     return 0
 
 
@@ -221,12 +259,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from swarm.node import Node, parse_size
+    from swarm.node import Node
     from swarm.synthetic import synthetic_key, synthetic_tensors
 
-    size = parse_size(args.synthetic)
+    size = _synthetic_size(args)
+    config = _node_config(args, MEMBER_OPTIONS + DISCOVERY_OPTIONS)
+    duration = _duration(args)
     tensors = synthetic_tensors(size, fill=False)
-    config = _node_config(args)
     with Node(synthetic_key(size), tensors, config, complete=False) as node:
         with Progress(
             TextColumn(f"[bold]{node.id}"),
@@ -241,6 +280,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             except SwarmError as e:
                 print(f"fetch failed: {e}", file=sys.stderr)
                 return 1
+        from swarm import metrics
+
+        model, rank = node.metrics.labels
+        metrics.record_load(
+            model=model, rank=rank, source="swarm", seconds=report.seconds, nbytes=report.total_bytes
+        )
         print(f"{node.id}: {report.describe()}", flush=True)
         if args.verify:
             expected = synthetic_tensors(size)
@@ -254,28 +299,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             if not same:
                 return 1
         if not args.exit:
-            _wait_for_signal(node, args.duration)
+            _wait_for_signal(node, duration)
     return 0
 
 
 def _member_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", required=True, metavar="SIZE", help="synthetic model size, e.g. 512MB")
-    p.add_argument("--piece-size", default=None, help="piece size (default 64MiB or SWARM_PIECE_SIZE)")
-    p.add_argument("--host", default=None, help="address to bind (default all; SWARM_HOST)")
-    p.add_argument("--port", type=int, default=None, help="control port (default random; SWARM_PORT)")
-    p.add_argument("--discovery-timeout", type=float, default=None, help="seconds to find a seed")
-    p.add_argument(
-        "--stall-timeout", type=float, default=None, help="seconds without progress before failing"
-    )
-    p.add_argument("--rate-cap", default=None, help="cap on upload rate, e.g. 100MB (per second)")
-    p.add_argument("--duration", type=float, default=None, help="serve this many seconds, then exit")
+    options.add_arguments(p, MEMBER_OPTIONS)
+    p.add_argument("--duration", default=None, metavar="SECONDS", help="serve this long, then exit")
 
 
-def _discovery_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--peers", default=None, help="static peers host:port,... (SWARM_PEERS)")
-    p.add_argument("--interface", default=None, help="network interface or address (SWARM_INTERFACE)")
-    p.add_argument("--no-mdns", action="store_true", help="do not use mDNS (static peers only)")
-    p.add_argument("--token", default=None, help="cluster token (default SWARM_TOKEN)")
+def _duration(args: argparse.Namespace) -> float | None:
+    if args.duration is None:
+        return None
+    value: float = options.cli_value(options.Seconds(maximum=1e9), args.duration, "--duration")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,21 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     st = sub.add_parser("status", help="show every swarm member on the LAN")
-    _discovery_options(st)
+    options.add_arguments(st, DISCOVERY_OPTIONS)
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.add_argument(
+        "--prometheus", action="store_true", help="print every member's status in Prometheus text format"
+    )
     st.add_argument("--watch", action="store_true", help="refresh continuously")
-    st.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
-    st.add_argument("--timeout", type=float, default=2.0, help="seconds to browse mDNS")
+    st.add_argument("--interval", default="2", metavar="SECONDS", help="seconds between refreshes (--watch)")
+    st.add_argument("--timeout", default="2", metavar="SECONDS", help="seconds to browse mDNS (default 2)")
     st.set_defaults(func=cmd_status)
 
     seed = sub.add_parser("seed", help="serve a synthetic model (no vLLM needed)")
     _member_options(seed)
-    _discovery_options(seed)
+    options.add_arguments(seed, DISCOVERY_OPTIONS)
     seed.set_defaults(func=cmd_seed)
 
     fetch = sub.add_parser("fetch", help="fetch a synthetic model from the swarm, then seed it")
     _member_options(fetch)
-    _discovery_options(fetch)
+    options.add_arguments(fetch, DISCOVERY_OPTIONS)
     fetch.add_argument("--exit", action="store_true", help="exit once fetched instead of seeding")
     fetch.add_argument("--no-verify", dest="verify", action="store_false", help="skip the final comparison")
     fetch.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -559,7 +559,7 @@ class Advertiser:
     records, so browsers drop it within about a second) and closes the zeroconf instance. Each call is
     bounded by ``timeout`` seconds and raises :class:`DiscoveryTimeout` past it (``close()`` logs
     instead and still closes). ``probe=False`` saves about 0.75 s at start when the instance id is
-    known to be unique (a random uuid), at the price of not detecting a name conflict.
+    known to be unique (a node's id: a digest of a fresh key), at the price of not detecting a name conflict.
     """
 
     _UPDATABLE = frozenset({"role", "model", "rank", "control_port"})
@@ -718,7 +718,8 @@ class Browser:
     """Browse for swarm members in the background; a context manager.
 
     Starts browsing on construction. ``peers()`` is the current view: adverts that were resolved and
-    not withdrawn (nor expired), sorted by instance id, only those of ``key_digest`` when given.
+    not withdrawn (nor expired), sorted by instance id, only those of ``key_digest`` when given, never
+    the one of ``ignore`` (the browsing node's own instance id).
     ``generation`` increases at every change of that view. ``close()`` stops and joins every thread
     it started and closes its zeroconf instance.
     """
@@ -733,11 +734,14 @@ class Browser:
         key_digest: str | None = None,
         interface: str | None = None,
         resolve_timeout: float = 2.0,
+        ignore: str | None = None,
     ) -> None:
         if key_digest is not None:
             _check_key_digest(key_digest)
         _check_timeout(resolve_timeout, "resolve_timeout")
         self._key = key_digest
+        #: the browsing node's own instance id: its advert is neither resolved, listed nor logged
+        self._ignore = ignore
         self._resolve_timeout = resolve_timeout
         self._cond = threading.Condition()
         self._peers: dict[str, Advert] = {}
@@ -847,6 +851,8 @@ class Browser:
         if not name.endswith("." + SERVICE_TYPE):
             return
         instance_id = name[: -len(SERVICE_TYPE) - 1]
+        if instance_id == self._ignore:
+            return
         info = ServiceInfo(SERVICE_TYPE, name)
         try:
             ok = info.request(zc, self._resolve_timeout * 1000)
@@ -996,6 +1002,7 @@ def static_peers(spec: str | None = None) -> list[tuple[str, int]]:
 
     Whitespace around entries and empty entries are ignored; duplicates are dropped (first kept);
     IPv6 hosts are returned without brackets. A bad entry raises :class:`StaticPeersError` naming it.
+    ``dns:`` and ``dns-srv:`` entries are skipped here (swarm.dnspeers resolves them).
     """
     source = "static peer list"
     if spec is None:
@@ -1004,7 +1011,7 @@ def static_peers(spec: str | None = None) -> list[tuple[str, int]]:
     peers: list[tuple[str, int]] = []
     for position, raw in enumerate(spec.split(","), start=1):
         entry = raw.strip()
-        if not entry:
+        if not entry or entry.startswith(("dns:", "dns-srv:")):
             continue
         try:
             peer = _parse_entry(entry)
@@ -1025,16 +1032,23 @@ def discover(
     static: str | None = None,
     mdns: bool = True,
     until: Callable[[list[Advert]], bool] | None = None,
+    dns_server: str | None = None,
 ) -> list[Advert]:
     """One-shot discovery: browse mDNS for ``timeout`` seconds (or until ``until(peers)``), plus statics.
 
     ``static`` is a peer list as in :func:`static_peers` (default ``$SWARM_PEERS``); its entries come
     back as static adverts (``key_digest == ""``) after the mDNS ones, except those whose endpoint an
-    mDNS advert already has. When mDNS cannot start (no multicast) and a static list is given, the
+    mDNS advert already has; its ``dns:``/``dns-srv:`` entries are resolved once (``dns_server``).
+    When mDNS cannot start (no multicast) and a static list is given, the
     static list alone is returned (with a warning); otherwise the error propagates.
     """
     _check_timeout(timeout, "timeout")
     statics = static_peers(static)
+    if static:
+        from swarm import dnspeers
+
+        names = dnspeers.parse_dns_peers(static)
+        statics += [a for a in dnspeers.resolve_all(names, server=dns_server) if a not in statics]
     found: list[Advert] = []
     if mdns:
         try:

@@ -154,7 +154,8 @@ class Manifest:
                 hint="use a larger piece size",
             )
         self.total_bytes = sum(t.nbytes for t in self.tensors)
-        self.digest = hashlib.sha256(_canonical(self.to_wire())).hexdigest()
+        self._wire = self.to_wire()
+        self.digest = hashlib.sha256(_canonical(self._wire)).hexdigest()
 
     @classmethod
     def from_tensors(
@@ -189,21 +190,38 @@ class Manifest:
 
     def diff(self, other: Manifest) -> str | None:
         """None when equal, else a readable description of the first difference."""
-        if self.piece_size != other.piece_size:
-            return f"piece size {self.piece_size} here, {other.piece_size} there"
-        if self.checksum != other.checksum:
-            return (
-                f"checksum {self.checksum} here, {other.checksum} there (tensors on another kind of device?)"
-            )
-        for i, (a, b) in enumerate(zip(self.tensors, other.tensors, strict=False)):
+        return self._diff(other.piece_size, other.checksum, other.tensors)
+
+    def diff_wire(self, data: Mapping[str, Any]) -> str | None:
+        """`diff` against a manifest in wire form, without cutting it into pieces and reading no more of
+        its tensor list than this manifest's length + 1: the work is bounded by this manifest, whatever
+        the other claims. Malformed data raises ManifestError."""
+        if data == self._wire:
+            return None
+        rows, piece_size, algorithm = _wire_header(data)
+        n = min(len(rows), len(self.tensors) + 1)
+        return self._diff(piece_size, algorithm, [_spec_from_row(r) for r in rows[:n]], len(rows)) or (
+            "another manifest with the same tensors"
+        )
+
+    def _diff(
+        self, piece_size: int, checksum: str, tensors: Sequence[TensorSpec], count: int | None = None
+    ) -> str | None:
+        """The first difference; `tensors` may be the first of `count` tensors (all when None)."""
+        count = len(tensors) if count is None else count
+        if self.piece_size != piece_size:
+            return f"piece size {self.piece_size} here, {piece_size} there"
+        if self.checksum != checksum:
+            return f"checksum {self.checksum} here, {checksum} there (tensors on another kind of device?)"
+        for i, (a, b) in enumerate(zip(self.tensors, tensors, strict=False)):
             if a != b:
                 return f"tensor #{i}: expected {a.describe()}, peer has {b.describe()}"
-        if len(self.tensors) != len(other.tensors):
-            n = min(len(self.tensors), len(other.tensors))
-            extra = (self.tensors if len(self.tensors) > n else other.tensors)[n]
+        if len(self.tensors) != count:
+            n = min(len(self.tensors), count)
+            extra = (self.tensors if len(self.tensors) > n else tensors)[n]
             where = "only expected here" if len(self.tensors) > n else "only on the peer"
             return (
-                f"{len(self.tensors)} tensors expected, peer has {len(other.tensors)}; "
+                f"{len(self.tensors)} tensors expected, peer has {count}; "
                 f"first extra: {extra.describe()} ({where})"
             )
         return None
@@ -229,32 +247,7 @@ class Manifest:
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Manifest:
         """Inverse of `to_wire`; validates types and sizes (the caller bounded the message size)."""
-        try:
-            piece_size = data["piece_size"]
-            rows = data["tensors"]
-            algorithm = data["checksum"]
-            if algorithm not in CHECKSUMS:
-                raise ManifestError(f"unknown checksum algorithm {algorithm!r:.40}")
-            if not isinstance(piece_size, int) or not 0 < piece_size <= 1 << 40:
-                raise ManifestError(f"bad piece size {piece_size!r}")
-            if not isinstance(rows, list) or len(rows) > MAX_TENSORS:
-                raise ManifestError("tensor list missing or too long")
-            specs = []
-            for row in rows:
-                name, dtype, shape, nbytes = row
-                ok = (
-                    isinstance(name, str)
-                    and isinstance(dtype, str)
-                    and isinstance(shape, list)
-                    and all(isinstance(d, int) and d >= 0 for d in shape)
-                    and isinstance(nbytes, int)
-                    and 0 <= nbytes <= 1 << 48
-                )
-                if not ok:
-                    raise ManifestError(f"malformed tensor entry {row!r:.200}")
-                specs.append(TensorSpec(name, dtype, tuple(shape), nbytes))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"malformed manifest: {e}") from e
+        specs, piece_size, algorithm = _specs_from_wire(data)
         return cls(specs, piece_size, algorithm)
 
     # --- tensor memory ----------------------------------------------------------------------------
@@ -394,6 +387,47 @@ def piece_checksums(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> 
         return []
     table = torch.stack(sums).cpu().tolist()
     return [f"{a & 0xFFFFFFFFFFFFFFFF:016x}{b & 0xFFFFFFFFFFFFFFFF:016x}" for a, b in table]
+
+
+def _specs_from_wire(data: Mapping[str, Any]) -> tuple[list[TensorSpec], int, str]:
+    """The tensors, piece size and checksum algorithm of a manifest in wire form, validated (the caller
+    bounded the message size)."""
+    rows, piece_size, algorithm = _wire_header(data)
+    return [_spec_from_row(row) for row in rows], piece_size, algorithm
+
+
+def _wire_header(data: Mapping[str, Any]) -> tuple[list[Any], int, str]:
+    try:
+        piece_size = data["piece_size"]
+        rows = data["tensors"]
+        algorithm = data["checksum"]
+    except (KeyError, TypeError) as e:
+        raise ManifestError(f"malformed manifest: {e}") from e
+    if algorithm not in CHECKSUMS:
+        raise ManifestError(f"unknown checksum algorithm {algorithm!r:.40}")
+    if not isinstance(piece_size, int) or not 0 < piece_size <= 1 << 40:
+        raise ManifestError(f"bad piece size {piece_size!r}")
+    if not isinstance(rows, list) or len(rows) > MAX_TENSORS:
+        raise ManifestError("tensor list missing or too long")
+    return rows, piece_size, algorithm
+
+
+def _spec_from_row(row: Any) -> TensorSpec:
+    try:
+        name, dtype, shape, nbytes = row
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"malformed tensor entry {row!r:.200}") from e
+    ok = (
+        isinstance(name, str)
+        and isinstance(dtype, str)
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(nbytes, int)
+        and 0 <= nbytes <= 1 << 48
+    )
+    if not ok:
+        raise ManifestError(f"malformed tensor entry {row!r:.200}")
+    return TensorSpec(name, dtype, tuple(shape), nbytes)
 
 
 def content_digest(checksums: Sequence[str]) -> str:

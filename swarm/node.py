@@ -11,12 +11,17 @@ end of a link may request pieces over it: a ROUTER answers to the DEALER's ident
 always dialed by the receiving side to the sending side's data port (the addresses travel in Hello), so one
 link per pair suffices and duplicates are harmless. Seeds never dial.
 
-Handshake on a link: both sides send Hello (swarm key, manifest digest, content digest, data-plane
-parameters). A different swarm key is refused with an `Error("wrong_key")`; a different manifest is
-fetched (`ManifestQuery`) only to report a readable difference, then refused; a leecher without piece
-checksums takes them from the first peer whose content digest matches its manifest. A peer is *accepted*
-(known to the scheduler) only after these checks. Pieces are checked against the checksums before they
-are announced (Have) or served.
+Handshake on a link: first a session (swarm/protocol.py `Session`: nonces, Ed25519 keys, with a token
+MACs), so every frame is bound to its link and each end knows the other's id for certain; a Hello under
+another id than the session's is refused. Then both sides send Hello (swarm key, manifest digest, content
+digest, data-plane parameters). A different swarm key is refused with an `Error("wrong_key")`; a
+different manifest is fetched (`ManifestQuery`) only to report a readable difference, then refused. A
+`ManifestReply` is read only as the answer to our own query, and compared in wire form (never cut into
+pieces). A leecher without piece checksums takes them, with a token, from the first peer whose content
+digest matches its manifest; without one (an open swarm), only for the content digest a strict majority
+of the members it met announce, and it fails the fetch with `ManifestMismatchError` when none has one
+(docs/reliability.md, threat model). A peer is *accepted* (known to the scheduler) only after these
+checks. Pieces are checked against the checksums before they are announced (Have) or served.
 
 Control plane: piece events leave in batches. Within one turn of the loop (everything read from the
 sockets and the transport's queue, then one scheduler tick), the haves of the pieces verified, the
@@ -33,7 +38,8 @@ resources are freed, and it may be dialed again if it is still advertised (after
 Failure, never a hang: `fetch()` raises `NoSeedError` when no usable peer is found within
 `discovery_timeout_s` (`ManifestMismatchError` when every peer found holds another manifest),
 `StallError` when no piece arrived for `stall_timeout_s`, when some missing pieces have been held by no
-live peer for `discovery_timeout_s`, or past `deadline_s`; the node stays up so the caller can load
+live peer for `discovery_timeout_s`, or past `deadline_s` (checked in the caller's thread too, so it holds
+whatever the control loop is doing); the node stays up so the caller can load
 elsewhere and call `mark_complete()`. `close()` withdraws the advert, says goodbye, and ends every
 thread and socket within bounded time.
 """
@@ -48,16 +54,19 @@ import random
 import socket
 import threading
 import time
-import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import zmq
 
+from swarm import metrics as _metrics
+from swarm import options as _opt
 from swarm import protocol as P
 from swarm.errors import (
+    AuthError,
     ConfigError,
     FetchError,
     ManifestError,
@@ -67,9 +76,11 @@ from swarm.errors import (
     StallError,
     SwarmError,
 )
+from swarm.identity import Identity
 from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, content_digest, piece_checksums
 from swarm.scheduler import Cancel, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
 from swarm.transport.base import Events, Transport
+from swarm.transport.paths import Offer
 
 log = logging.getLogger("swarm.node")
 
@@ -82,137 +93,114 @@ _MAX_PROTOCOL_ERRORS = 20
 #: Error codes by which a member of another swarm (or layout) refuses our Hello.
 _REFUSAL_CODES = ("wrong_key", "wrong_transport")
 _MAX_MISMATCHES = 256
+#: Sessions of the control port that belong to no accepted peer (handshakes in progress, `swarm status`
+#: clients): the oldest are forgotten past this many, so a flood of handshakes costs bounded memory.
+_MAX_LOOSE_SESSIONS = 1024
+#: Open swarm (no token): how long a leecher collects the content digests of the members it meets before
+#: it takes the checksums of a digest that only one member holds (two agreeing members need no wait).
+_OPEN_QUORUM_S = 1.0
+_MAX_VOTES = 1024
+#: distinct checksum lists kept while undecided (each as long as the manifest's piece count)
+_MAX_OFFERED = 16
+
+
+TRANSPORTS = _opt.TRANSPORTS
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Options of a node. `from_env` reads the SWARM_* environment variables as defaults."""
+    """Options of a node. Defaults, types and ranges of the user-facing ones come from swarm.options (one
+    schema for the CLI, SWARM_* variables and the vLLM loader); `from_env` reads the environment."""
 
-    token: str | None = None
-    peers: str | None = None
-    interface: str | None = None
-    transport: str = "tcp"
-    #: 0: the transport's default (64 MiB over TCP, 256 MiB over NCCL; see their docstrings)
+    token: str | None = field(default=_opt.default("token"), repr=False)
+    token_file: str | None = _opt.default("token_file")
+    allow_open: bool = _opt.default("allow_open")
+    peers: str | None = _opt.default("peers")
+    dns_interval_s: float = _opt.default("dns_interval_s")
+    dns_server: str | None = _opt.default("dns_server")
+    interface: str | None = _opt.default("interface")
+    #: "auto": every path this member can use, the best chosen per pair (swarm.transport.auto); or one
+    #: of "tcp", "ipc", "nccl" for that transport alone
+    transport: str = _opt.default("transport")
+    #: 0: the transport's default (64 MiB over TCP, 256 MiB between GPUs; see their docstrings)
     piece_size: int = 0
-    discovery_timeout_s: float = 5.0
-    stall_timeout_s: float = 30.0
-    deadline_s: float = 600.0
+    discovery_timeout_s: float = _opt.default("discovery_timeout_s")
+    stall_timeout_s: float = _opt.default("stall_timeout_s")
+    deadline_s: float = _opt.default("deadline_s")
     peer_timeout_s: float = 6.0
     io_timeout_s: float = 30.0
     model_name: str = ""
-    host: str | None = None
-    control_port: int = 0
-    mdns: bool = True
+    host: str | None = _opt.default("host")
+    #: None: swarm.options.DEFAULT_CONTROL_PORT, or a random port when that is taken; 0: random
+    control_port: int | None = _opt.default("control_port")
+    metrics_port: int | None = _opt.default("metrics_port")
+    #: added to the control and metrics ports (the vLLM loader passes the rank: one port per rank)
+    port_offset: int = 0
+    mdns: bool = _opt.default("mdns")
     #: Peer exchange: dial the peers that peers list in their Hello. Off, a node talks only to the peers
     #: it finds itself (mDNS, static list); with mdns off and a static list of seeds, a leecher then pulls
     #: from those seeds alone (the one-seed fan-out that bench/lan.py compares the swarm against).
-    pex: bool = True
-    rate_cap: float | None = None
+    pex: bool = _opt.default("pex")
+    rate_cap: float | None = _opt.default("rate_cap")
     seed: int | None = None
     scheduler: SchedulerConfig | None = None
 
-    ENV: ClassVar[dict[str, str]] = {
-        "token": "SWARM_TOKEN",
-        "peers": "SWARM_PEERS",
-        "interface": "SWARM_INTERFACE",
-        "transport": "SWARM_TRANSPORT",
-        "piece_size": "SWARM_PIECE_SIZE",
-        "discovery_timeout_s": "SWARM_DISCOVERY_TIMEOUT",
-        "stall_timeout_s": "SWARM_STALL_TIMEOUT",
-        "deadline_s": "SWARM_DEADLINE",
-        "host": "SWARM_HOST",
-        "control_port": "SWARM_PORT",
-        "mdns": "SWARM_MDNS",
-        "pex": "SWARM_PEX",
-        "rate_cap": "SWARM_RATE_CAP",
-    }
-
     def __post_init__(self) -> None:
-        if self.transport not in ("tcp", "nccl"):
-            raise ConfigError(f"unknown transport {self.transport!r}", hint="use 'tcp' or 'nccl'")
-        for name in (
-            "discovery_timeout_s",
-            "stall_timeout_s",
-            "deadline_s",
-            "peer_timeout_s",
-            "io_timeout_s",
-        ):
+        if self.token_file is not None:
+            from_file = P.read_token_file(self.token_file)
+            if self.token and self.token != from_file:  # equal after dataclasses.replace of a config
+                raise ConfigError(
+                    "both a token and a token file are set",
+                    hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both",
+                )
+            object.__setattr__(self, "token", from_file)
+        for name in _opt.NODE_OPTIONS:
+            if name != "piece_size" or self.piece_size:
+                _opt.check(name, getattr(self, name))
+        for name in ("peer_timeout_s", "io_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.piece_size < 0:
-            raise ConfigError(
-                f"piece_size must be > 0 (or 0 for the transport's default), got {self.piece_size}"
-            )
-        if not 0 <= self.control_port < 65536:
-            raise ConfigError(f"control_port must be a TCP port, got {self.control_port}")
-        if self.rate_cap is not None and self.rate_cap <= 0:
-            raise ConfigError(f"rate_cap must be > 0 bytes/s, got {self.rate_cap}")
+        if not 0 <= self.port_offset < 1024:
+            raise ConfigError(f"port_offset must be in 0..1023, got {self.port_offset}")
 
-    @property
-    def effective_piece_size(self) -> int:
+    def gpu_to_gpu(self, on_gpu: bool) -> bool:
+        """Whether pieces move GPU to GPU (a GPU transport, or "auto" with tensors in GPU memory)."""
+        return self.transport in ("nccl", "ipc") or (self.transport == "auto" and on_gpu)
+
+    def piece_size_for(self, on_gpu: bool) -> int:
+        """The piece size: explicit, else 256 MiB GPU to GPU (NCCL's measured choice; IPC copies are
+        faster still), else 64 MiB. A swarm's members must agree on it (it is part of the manifest)."""
         if self.piece_size:
             return self.piece_size
-        if self.transport == "nccl":
+        if self.gpu_to_gpu(on_gpu):
             from swarm.transport.nccl import RECOMMENDED_PIECE_SIZE
 
             return RECOMMENDED_PIECE_SIZE
         return DEFAULT_PIECE_SIZE
 
-    @property
-    def effective_scheduler(self) -> SchedulerConfig | None:
-        """The scheduler settings: explicit ones, else those the transport recommends, else the defaults."""
-        if self.scheduler is None and self.transport == "nccl":
-            from swarm.transport.nccl import recommended_scheduler
+    def scheduler_for(self, on_gpu: bool) -> SchedulerConfig | None:
+        """The scheduler settings: explicit ones, else those for GPU links when pieces move GPU to GPU,
+        else the defaults."""
+        if self.scheduler is None and self.gpu_to_gpu(on_gpu):
+            if self.transport == "nccl":
+                from swarm.transport.nccl import recommended_scheduler
 
-            return recommended_scheduler()  # type: ignore[no-any-return]
+                return recommended_scheduler()  # type: ignore[no-any-return]
+            from swarm.transport import ipc  # one host first: CUDA IPC's deeper pipelines
+
+            return ipc.recommended_scheduler()  # type: ignore[no-any-return]
         return self.scheduler
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NodeConfig:
-        """Defaults < environment (SWARM_*) < explicit overrides. Bad values raise ConfigError."""
-        env = os.environ if env is None else env
-        types = {f.name: f.type for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for name, var in cls.ENV.items():
-            raw = env.get(var)
-            if raw is None or raw == "":
-                continue
-            values[name] = _parse(var, raw, str(types[name]))
-        unknown = set(overrides) - set(types)
+        """Defaults < environment (SWARM_*) < explicit overrides (None: not given). Bad values raise
+        ConfigError naming the variable; a token file is read here (SWARM_TOKEN_FILE)."""
+        values = _opt.from_env(_opt.NODE_OPTIONS, env)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise ConfigError(f"unknown swarm option(s): {', '.join(sorted(unknown))}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-
-def _parse(var: str, raw: str, typ: str) -> Any:
-    try:
-        if "bool" in typ:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if "int" in typ:
-            return parse_size(raw)
-        if "float" in typ:
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"{var}={raw!r} is not a valid {typ.replace(' | None', '')}") from None
-    return raw
-
-
-def parse_size(text: str) -> int:
-    """'64MiB', '512MB', '1GB', '4096' -> bytes (binary multiples for both spellings)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = 1
-    if t and t[-1] in units:
-        mult, t = units[t[-1]], t[:-1]
-    value = float(t)
-    if value < 0:
-        raise ValueError(text)
-    return int(value * mult)
 
 
 @dataclass
@@ -273,7 +261,12 @@ class _Complete:
     checksums: list[str]
 
 
-_Event = _Received | _Failed | _Sent | _Closed | _Notify | _Complete
+@dataclass(frozen=True, slots=True)
+class _Dns:
+    found: list[tuple[str, int]]
+
+
+_Event = _Received | _Failed | _Sent | _Closed | _Notify | _Complete | _Dns
 
 
 @dataclass
@@ -293,6 +286,7 @@ class _Dial:
     port: int
     sock: zmq.Socket[bytes]
     started: float
+    session: P.Session
     peer: str | None = None
 
 
@@ -313,6 +307,8 @@ class _Peer:
     failures: int = 0
     #: pieces announced before the peer was accepted (a Bitfield can overtake our manifest check)
     early_have: set[int] = field(default_factory=set)
+    #: a ManifestQuery to this peer awaits its answer: the only state in which a ManifestReply is read
+    manifest_asked: bool = False
 
     @property
     def name(self) -> str:
@@ -334,12 +330,15 @@ class Node:
         transport: Transport | None = None,
     ) -> None:
         self.config = config or NodeConfig.from_env()
+        on_gpu = any(t.is_cuda for t in tensors.values())
         self.key = key
         self.tensors = tensors
-        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.effective_piece_size)
-        self.id = uuid.uuid4().hex[:12]
+        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size_for(on_gpu))
+        self.identity = Identity()
+        self.id = self.identity.id
         self.codec = P.Codec(self.config.token)
         self.transport = transport or _make_transport(self.config)
+        self._scheduler_config = self.config.scheduler_for(on_gpu)
         self.checksums: list[str] | None = piece_checksums(self.manifest, tensors) if complete else None
         self.complete = complete
         self._rng_seed = self.config.seed if self.config.seed is not None else random.randrange(1 << 30)
@@ -347,11 +346,17 @@ class Node:
         self.started_at = time.time()
         self._peers: dict[str, _Peer] = {}
         self._by_ident: dict[bytes, str] = {}
+        self._sessions: OrderedDict[bytes, P.Session] = OrderedDict()
         self._dials: dict[zmq.Socket[bytes], _Dial] = {}
         self._dial_after: dict[tuple[str, int], float] = {}
         self._candidates: dict[tuple[str, int], str] = {}
         self._seen_generation = self._seen_candidates = 0
         self._mismatches: dict[str, str] = {}
+        #: open swarm: the content digest each member of our manifest announced (peer id -> digest), the
+        #: checksums offered for each digest (from answers to our queries), when the first vote came
+        self._votes: dict[str, str] = {}
+        self._offered: dict[str, list[str]] = {}
+        self._first_vote: float | None = None
         self._bad_idents: dict[bytes, int] = {}
         self._events: queue.Queue[_Event] = queue.Queue()
         # this turn's outgoing piece events (see _flush)
@@ -367,6 +372,8 @@ class Node:
         self._stop = threading.Event()
         self._advertiser: Any = None
         self._browser: Any = None
+        self._dns: Any = None
+        self._dns_endpoints: set[tuple[str, int]] = set()
         self.host = ""
         self.addresses: list[str] = []
         self.control_port = 0
@@ -384,6 +391,9 @@ class Node:
         self._held_bytes = self.manifest.total_bytes if complete else 0
         #: bytes received from peers that have left (id -> (name, bytes)), so the report counts them
         self._gone_from: dict[str, tuple[str, int]] = {}
+        self.metrics = _metrics.NodeMetrics(self.config.model_name or key.model_id, key.rank)
+        self._seeding_since: float | None = time.monotonic() if complete else None
+        self._metrics_server: Any = None
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -419,12 +429,18 @@ class Node:
             self._fetching = True
         self._wake()
         shown = -1
+        deadline = self._fetch_started + self.config.deadline_s
         try:
             with self._cv:
                 while not self.complete and self._fetch_error is None:
                     if not self._thread.is_alive():
                         raise FetchError("the node's control loop stopped")
-                    self._cv.wait(0.1)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        # Here, not in the control loop: the deadline holds whatever the loop is doing.
+                        self._fetch_error = self._past_deadline()
+                        break
+                    self._cv.wait(min(0.1, left))
                     if progress is not None and self._held_bytes != shown:
                         shown = self._held_bytes
                         self._cv.release()
@@ -447,6 +463,15 @@ class Node:
                 peers[p.id] = peers.get(p.id, 0) + p.bytes_from
         names = {pid: name for pid, (name, _) in gone.items()} | {p.id: p.name for p in live}
         return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
+
+    def _past_deadline(self) -> StallError:
+        """The deadline's error, built in the caller's thread from what it may read without the loop."""
+        return StallError(
+            f"the fetch passed its deadline of {self.config.deadline_s:.0f} s "
+            f"({self._held_bytes} of {self.manifest.total_bytes} bytes held)",
+            missing=[],
+            hint="the loader falls back to disk",
+        )
 
     def mark_complete(self) -> None:
         """The tensors now hold the full model (loaded elsewhere): checksum it and serve as a seed."""
@@ -481,6 +506,7 @@ class Node:
             "authenticated": self.codec.authenticated,
             "from": {p.id: p.bytes_from for p in list(self._peers.values()) if p.bytes_from},
             "to": {p.id: p.bytes_to for p in list(self._peers.values()) if p.bytes_to},
+            "paths": {p.id: self.transport.path(p.id) for p in list(self._peers.values()) if p.accepted},
         }
 
     def close(self) -> None:
@@ -497,7 +523,7 @@ class Node:
     def _new_scheduler(self, complete: bool) -> Scheduler:
         sizes = [p.length for p in self.manifest.pieces]
         have = range(len(sizes)) if complete else ()
-        return Scheduler(sizes, have, seed=self._rng_seed, config=self.config.effective_scheduler)
+        return Scheduler(sizes, have, seed=self._rng_seed, config=self._scheduler_config)
 
     def _start(self) -> None:
         from swarm import discovery
@@ -511,13 +537,13 @@ class Node:
         self.host = self.addresses[0]
         self.transport.bind(self.manifest, self.tensors, self._transport_events())
         self.transport.peer_id = self.id
+        self.transport.identity = self.identity
         if self.checksums is not None:
             self.transport.set_checksums(self.checksums)
         self.data_params = self.transport.open(bind)
         self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         router.setsockopt(zmq.MAXMSGSIZE, P.MAX_FRAME + 1024)
         router.setsockopt(zmq.SNDHWM, 10000)
         router.setsockopt(zmq.RCVHWM, 10000)
@@ -525,26 +551,42 @@ class Node:
         addr = f"[{bind}]" if ":" in bind else bind
         if ":" in bind:
             router.setsockopt(zmq.IPV6, 1)
+        port = self.config.control_port
         try:
-            if self.config.control_port:
-                router.bind(f"tcp://{addr}:{self.config.control_port}")
-                self.control_port = self.config.control_port
+            if port is None:
+                # The default port, so that a Service can name it; several members on one host: random.
+                try:
+                    wanted = _opt.DEFAULT_CONTROL_PORT + self.config.port_offset
+                    router.bind(f"tcp://{addr}:{wanted}")
+                    self.control_port = wanted
+                except zmq.ZMQError:
+                    self.control_port = router.bind_to_random_port(f"tcp://{addr}")
+            elif port:
+                router.bind(f"tcp://{addr}:{port + self.config.port_offset}")
+                self.control_port = port + self.config.port_offset
             else:
                 self.control_port = router.bind_to_random_port(f"tcp://{addr}")
         except zmq.ZMQError as e:
             raise ConfigError(
-                f"cannot listen on {bind}:{self.config.control_port or 'a random port'}: {e}",
-                hint="choose another SWARM_PORT, or leave it unset for a random port",
+                f"cannot listen on {bind}:{port or 'a random port'}: {e}",
+                hint="choose another SWARM_PORT, or leave it unset",
             ) from e
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
+        self._start_dns()
+        self.metrics.update(self._peer_states(), self._seeding_since)  # right from the first scrape
+        if self.config.metrics_port:
+            self._metrics_server = _metrics.serve(bind, self.config.metrics_port + self.config.port_offset)
         if self.config.mdns:
-            # No name probe: the instance id is 48 random bits, and probing costs 0.75 s of start-up.
+            # No name probe: the instance id is 64 bits of a fresh key's digest, and probing costs 0.75 s
+            # of start-up.
             self._advertiser = discovery.Advertiser(
                 self._advert(), interface=self.config.interface, probe=False, watch_exit=True
             )
             self._advertiser.start()
-            self._browser = discovery.Browser(key_digest=self.key.digest, interface=self.config.interface)
+            self._browser = discovery.Browser(
+                key_digest=self.key.digest, interface=self.config.interface, ignore=self.id
+            )
         self._thread = threading.Thread(target=self._loop, name=f"swarm-node-{self.id}", daemon=True)
         self._thread.start()
         log.info(
@@ -556,6 +598,30 @@ class Node:
             self.control_port,
             self.manifest,
         )
+
+    def _start_dns(self) -> None:
+        """dns:/dns-srv: peers: resolved now and periodically in a thread of their own (swarm.dnspeers)."""
+        from swarm import dnspeers
+
+        own_default = _opt.DEFAULT_CONTROL_PORT + self.config.port_offset
+        names = dnspeers.parse_dns_peers(self.config.peers or "", default_port=own_default)
+        if names:
+            self._dns = dnspeers.DnsPeers(
+                names,
+                lambda found: self._post(_Dns(found)),
+                interval_s=self.config.dns_interval_s,
+                server=self.config.dns_server,
+            ).start()
+
+    def _on_dns(self, found: list[tuple[str, int]]) -> None:
+        """New DNS answers: dial the new endpoints; forget those gone that never answered."""
+        new = set(found)
+        for addr in found:
+            self._candidates.setdefault(addr, "")
+        for addr in self._dns_endpoints - new:
+            if self._candidates.get(addr) == "":
+                del self._candidates[addr]
+        self._dns_endpoints = new
 
     def _advert(self) -> Any:
         from swarm import discovery
@@ -615,8 +681,9 @@ class Node:
                 if self._router in ready:
                     self._read_router(now)
                 for sock in list(self._dials):
-                    if sock in ready:
-                        self._read_dial(self._dials[sock], now)
+                    dial = self._dials.get(sock)  # handling one link may close another (a refusal)
+                    if dial is not None and sock in ready:
+                        self._read_dial(dial, now)
                 for sock in list(_registered(poller)):
                     if isinstance(sock, zmq.Socket) and sock is not self._router and sock not in self._dials:
                         poller.unregister(sock)
@@ -672,14 +739,26 @@ class Node:
             if self._bad_idents.get(ident, 0) >= _MAX_PROTOCOL_ERRORS:
                 continue
             peer_id = self._by_ident.get(ident)
-            pieces = len(self.manifest.pieces)
+            session = self._session_of(ident)
             try:
-                msg = self.codec.decode(frame, pieces)
+                msg, answer = session.receive(frame, len(self.manifest.pieces))
             except ProtocolError as e:
                 self._bad_idents[ident] = self._bad_idents.get(ident, 0) + 1
-                self._router.send_multipart([ident, self.codec.encode(P.Error("protocol", str(e)[:500]))])
+                self._router.send_multipart([ident, session.encode(P.Error("protocol", str(e)[:500]))])
                 continue
-            self._handle(msg, now, ident=ident, peer_id=peer_id)
+            if answer is not None:
+                self._router.send_multipart([ident, answer], zmq.NOBLOCK)
+            if msg is not None:
+                self._handle(msg, now, ident=ident, peer_id=peer_id, session=session)
+
+    def _session_of(self, ident: bytes) -> P.Session:
+        session = self._sessions.get(ident)
+        if session is None:
+            session = self._sessions[ident] = P.Session(self.codec, self.identity, dialer=False)
+            loose = [i for i in self._sessions if i not in self._by_ident]
+            for old in loose[: max(0, len(loose) - _MAX_LOOSE_SESSIONS)]:
+                del self._sessions[old]
+        return session
 
     def _read_dial(self, dial: _Dial, now: float) -> None:
         for _ in range(1000):
@@ -687,13 +766,30 @@ class Node:
                 frame = dial.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            session = dial.session
             try:
-                msg = self.codec.decode(frame, len(self.manifest.pieces))
+                msg, answer = session.receive(frame, len(self.manifest.pieces))
             except ProtocolError as e:
                 log.warning("dropping link to %s:%d: %s", dial.host, dial.port, e)
+                if isinstance(e, AuthError):
+                    self._note_mismatch(f"{dial.host}:{dial.port}", str(e))
                 self._close_dial(dial, backoff=True)
                 return
-            self._handle(msg, now, dial=dial, peer_id=dial.peer)
+            if answer is not None:  # the handshake is done: say who we are
+                dial.sock.send(answer, zmq.NOBLOCK)
+                dial.sock.send(session.encode(self._hello()), zmq.NOBLOCK)
+            if msg is None:
+                continue
+            if not session.established:  # an unauthenticated refusal of our handshake
+                log.warning(
+                    "%s:%d refused the session: %s", dial.host, dial.port, getattr(msg, "message", msg)
+                )
+                self._note_mismatch(
+                    f"{dial.host}:{dial.port}", f"refused the session: {getattr(msg, 'message', '')}"
+                )
+                self._close_dial(dial, backoff=True)
+                return
+            self._handle(msg, now, dial=dial, peer_id=dial.peer, session=session)
             if dial.sock not in self._dials:
                 return
 
@@ -707,11 +803,18 @@ class Node:
         ident: bytes | None = None,
         dial: _Dial | None = None,
         peer_id: str | None = None,
+        session: P.Session | None = None,
     ) -> None:
         if isinstance(msg, P.StatusQuery):
             self._reply(ident, dial, P.StatusReply(self.status()))
             return
         if isinstance(msg, P.Hello):
+            if session is None or msg.peer_id != session.peer_id:
+                # Ids are proven by the session's handshake: nobody speaks for another member.
+                self._reply(
+                    ident, dial, P.Error("protocol", "Hello's peer id is not the one of the session's key")
+                )
+                return
             self._on_hello(msg, now, ident, dial)
             return
         peer = self._peers.get(peer_id) if peer_id else None
@@ -736,6 +839,10 @@ class Node:
             else:
                 self._send(peer, P.ManifestReply(self.manifest.to_wire(), self.checksums), now)
         elif isinstance(msg, P.ManifestReply):
+            if not peer.manifest_asked:  # unsolicited or repeated: not worth a look
+                log.debug("ignoring a manifest from %s that was not asked for", peer.name)
+                return
+            peer.manifest_asked = False
             self._on_manifest(peer, msg, now)
         elif not peer.accepted:
             if isinstance(msg, P.Error):
@@ -803,6 +910,7 @@ class Node:
         data = dict(self.data_params)
         data["addrs"] = self.addresses[:8]
         data["ctl"] = self.control_port
+        data["paths"] = self.transport.offer().to_wire()
         data["peers"] = [
             [p.id, p.hosts[0], int(p.hello.data.get("ctl", 0))]
             for p in list(self._peers.values())[:_MAX_PEX]
@@ -835,11 +943,14 @@ class Node:
             else:
                 self._reply(ident, None, P.Error("wrong_key", f"other swarm key: {self.key.describe()}"))
             return
-        if msg.transport != self.transport.name:
-            self._note_mismatch(
-                msg.peer_id, f"uses transport {msg.transport}, this node {self.transport.name}"
+        theirs_offer = Offer.from_wire(msg.data.get("paths"), fallback=msg.transport)
+        if self.transport.choose(msg.peer_id, theirs_offer) is None:
+            mine = ", ".join(sorted(self.transport.offer().transports))
+            offered = ", ".join(sorted(theirs_offer.transports)) or "none"
+            self._note_mismatch(msg.peer_id, f"no data path in common: it offers {offered}, this node {mine}")
+            self._reply(
+                ident, dial, P.Error("wrong_transport", f"no data path in common: this node offers {mine}")
             )
-            self._reply(ident, dial, P.Error("wrong_transport", f"this node uses {self.transport.name}"))
             return
         peer = self._peers.get(msg.peer_id)
         if peer is None:
@@ -881,12 +992,19 @@ class Node:
             ):
                 self._candidates.setdefault((entry[1], entry[2]), "")
 
+    def _ask_manifest(self, peer: _Peer, now: float) -> None:
+        if not peer.manifest_asked:
+            peer.manifest_asked = True
+            self._send(peer, P.ManifestQuery(), now)
+
     def _check_peer(self, peer: _Peer, now: float) -> None:
         """Accept the peer once its manifest (and, for a leecher, the checksums) are known to match."""
         h = peer.hello
         if h.manifest_digest != self.manifest.digest:
-            self._send(peer, P.ManifestQuery(), now)  # only to report a readable difference
+            self._ask_manifest(peer, now)  # only to report a readable difference
             return
+        if h.content_digest and not self.codec.authenticated:
+            self._vote(peer.id, h.content_digest, now)
         if (
             h.content_digest
             and self.checksums is not None
@@ -896,17 +1014,18 @@ class Node:
             return
         if self.checksums is None:
             if h.content_digest:
-                self._send(peer, P.ManifestQuery(), now)
+                self._ask_manifest(peer, now)
             return  # a leecher without checksums: wait for one that has them
         self._accept(peer, now)
 
     def _on_manifest(self, peer: _Peer, msg: P.ManifestReply, now: float) -> None:
         try:
-            theirs = Manifest.from_wire(msg.manifest)
+            # Compared in wire form: a peer's manifest is never cut into pieces here, so an answer costs
+            # at most the size of our own manifest, whatever piece count it claims.
+            difference = self.manifest.diff_wire(msg.manifest)
         except ManifestError as e:
             self._refuse(peer, f"sent a malformed manifest: {e}")
             return
-        difference = self.manifest.diff(theirs)
         if difference is not None:
             self._note_mismatch(peer.id, difference)
             self._refuse(peer, f"holds a different manifest: {difference}")
@@ -916,28 +1035,82 @@ class Node:
         ):
             self._refuse(peer, "sent checksums that do not match its content digest")
             return
-        first = self.checksums is None
-        if first:
-            self.checksums = list(msg.checksums)
-            self.transport.set_checksums(self.checksums)
-        elif msg.checksums != self.checksums:
+        if self.checksums is None:
+            if self.codec.authenticated:
+                self._adopt(list(msg.checksums), now)  # a token holder is trusted with the checksums
+            elif peer.hello.content_digest and (
+                peer.hello.content_digest in self._offered or len(self._offered) < _MAX_OFFERED
+            ):
+                self._offered.setdefault(peer.hello.content_digest, list(msg.checksums))
+                self._decide(now)
+            return
+        if msg.checksums != self.checksums:
             self._refuse(peer, "holds different bytes for the same manifest (another checkpoint?)")
             return
-        if not peer.accepted:
+        if not peer.accepted and not peer.refused:
             self._accept(peer, now)
-        # Peers that were waiting for checksums can be accepted now.
+
+    def _adopt(self, checksums: list[str], now: float) -> None:
+        """Take these piece checksums as the truth, then accept (or refuse) every peer waiting for them."""
+        self.checksums = checksums
+        self.transport.set_checksums(checksums)
         for other in list(self._peers.values()):
-            if not other.accepted and not other.refused and other is not peer:
+            if not other.accepted and not other.refused:
                 self._check_peer(other, now)
-        if first:
-            # Leechers that met this node before it had checksums are waiting for a peer that has them:
-            # a new Hello (with the content digest, and this node's peers, the seed among them) lets
-            # them take the checksums from here and dial the seed even if they missed its mDNS answer
-            # (a responder multicasts a record at most once a second, RFC 6762 section 6).
-            hello = self._hello()
-            for other in list(self._peers.values()):
-                if other is not peer and not other.refused and not other.hello.content_digest:
-                    self._send(other, hello, now)
+        # Leechers that met this node before it had checksums are waiting for a peer that has them:
+        # a new Hello (with the content digest, and this node's peers, the seed among them) lets
+        # them take the checksums from here and dial the seed even if they missed its mDNS answer
+        # (a responder multicasts a record at most once a second, RFC 6762 section 6).
+        hello = self._hello()
+        for other in list(self._peers.values()):
+            if not other.refused and not other.hello.content_digest:
+                self._send(other, hello, now)
+
+    # --- open swarm: which checksums to believe ---------------------------------------------------
+
+    def _vote(self, peer_id: str, digest: str, now: float) -> None:
+        if peer_id not in self._votes and len(self._votes) >= _MAX_VOTES:
+            return
+        self._votes[peer_id] = digest
+        if self._first_vote is None:
+            self._first_vote = now
+        if self.checksums is not None and self._fetching and not self.complete:
+            ours = content_digest(self.checksums)
+            if not self._majority(ours):
+                self._fail_fetch(self._disagreement())
+
+    def _majority(self, digest: str) -> bool:
+        held = sum(1 for d in self._votes.values() if d == digest)
+        return held > len(self._votes) - held
+
+    def _decide(self, now: float) -> None:
+        """Open swarm, no checksums yet: take those of the digest a strict majority of the members met
+        announce, once two of them agree or after `_OPEN_QUORUM_S` (see docs/reliability.md)."""
+        if self.checksums is not None or self.codec.authenticated or self._first_vote is None:
+            return
+        for digest, checksums in self._offered.items():
+            agree = sum(1 for d in self._votes.values() if d == digest)
+            waited = now - self._first_vote >= min(_OPEN_QUORUM_S, self.config.discovery_timeout_s / 2)
+            if self._majority(digest) and (agree >= 2 or waited):
+                log.warning(
+                    "open swarm (no SWARM_TOKEN): using the checksums %d of the %d members met agree on",
+                    agree,
+                    len(self._votes),
+                )
+                self._adopt(checksums, now)
+                return
+
+    def _disagreement(self) -> ManifestMismatchError:
+        counts: dict[str, int] = {}
+        for d in self._votes.values():
+            counts[d] = counts.get(d, 0) + 1
+        shown = ", ".join(f"{n} member(s) hold content {d[:12]}" for d, n in sorted(counts.items()))
+        return ManifestMismatchError(
+            f"the members of {self.key.describe()} disagree on its bytes, and no content has a majority",
+            difference=shown,
+            hint="this swarm is open (no SWARM_TOKEN), so anyone on the LAN can join it; set SWARM_TOKEN "
+            "(or SWARM_TOKEN_FILE) on every instance; the loader falls back to disk",
+        )
 
     def _accept(self, peer: _Peer, now: float) -> None:
         peer.accepted = True
@@ -993,14 +1166,16 @@ class Node:
             if isinstance(d, Request):
                 self._maybe_connect_data(peer)
                 self.transport.expect(peer.id, d.piece)
-                self._outbox(peer.id).request[d.piece] = None
+                if not self.transport.one_sided(peer.id):  # a one-sided path reads without asking
+                    self._outbox(peer.id).request[d.piece] = None
             elif isinstance(d, Cancel):
                 self.transport.unexpect(peer.id, d.piece)
-                box = self._outbox(peer.id)
-                if d.piece in box.request:
-                    del box.request[d.piece]  # withdrawn before it left: the peer never hears of it
-                else:
-                    box.cancel[d.piece] = None
+                if not self.transport.one_sided(peer.id):
+                    box = self._outbox(peer.id)
+                    if d.piece in box.request:
+                        del box.request[d.piece]  # withdrawn before it left: the peer never hears of it
+                    else:
+                        box.cancel[d.piece] = None
             elif isinstance(d, Serve):
                 if self.transport.has_channel(peer.id):
                     self.transport.send(peer.id, d.piece)
@@ -1020,20 +1195,22 @@ class Node:
             if isinstance(ev, _Received):
                 self._on_received(ev.peer, ev.piece, now)
             elif isinstance(ev, _Failed):
-                if ev.peer in self._peers:
+                self.metrics.failed(ev.reason)
+                failed = self._peers.get(ev.peer)
+                if failed is not None:
                     self.scheduler.piece_failed(ev.peer, ev.piece, now, ev.reason)
                     if ev.reason == "bad_checksum":
-                        self._peers[ev.peer].failures += 1
-                        log.warning(
-                            "piece %d from %s failed its checksum", ev.piece, self._peers[ev.peer].name
-                        )
+                        failed.failures += 1
+                        log.warning("piece %d from %s failed its checksum", ev.piece, failed.name)
             elif isinstance(ev, _Sent):
+                to = self._peers.get(ev.peer)
                 if ev.ok:
                     n = self.manifest.pieces[ev.piece].length
                     self.bytes_out += n
-                    if ev.peer in self._peers:
-                        self._peers[ev.peer].bytes_to += n
-                if ev.peer in self._peers:
+                    if to is not None:
+                        to.bytes_to += n
+                        self.metrics.sent(self._path(ev.peer), to.hello.role, n)
+                if to is not None:
                     self._apply(self.scheduler.upload_finished(ev.peer, ev.piece, now, ev.ok), now)
             elif isinstance(ev, _Closed):
                 peer = self._peers.get(ev.peer)
@@ -1041,6 +1218,8 @@ class Node:
                     self._drop_peer(peer, ev.reason, now)
             elif isinstance(ev, _Notify):
                 self._notify(ev.peer, ev.msg, now)
+            elif isinstance(ev, _Dns):
+                self._on_dns(ev.found)
             else:
                 self._become_seed(ev.checksums, now)
 
@@ -1053,6 +1232,7 @@ class Node:
             return  # the peer was dropped meanwhile: the piece is fetched again (same verified bytes)
         peer.bytes_from += n
         self.bytes_in += n
+        self.metrics.received(self._path(peer_id), peer.hello.role, n)
         decisions = self.scheduler.piece_received(peer_id, piece, now)
         with self._cv:
             self._held_bytes += n
@@ -1063,7 +1243,21 @@ class Node:
         if self.scheduler.complete:
             self._finish_fetch(now)
 
+    def _path(self, peer_id: str) -> str:
+        """How bytes move to and from this peer (tcp, ipc, nccl), for the metrics."""
+        return self.transport.path(peer_id) or self.transport.name
+
+    def _peer_states(self) -> dict[str, int]:
+        peers = list(self._peers.values())
+        return {
+            "dialing": len([d for d in self._dials.values() if d.peer is None]),
+            "handshaking": len([p for p in peers if not p.accepted and not p.refused]),
+            "accepted": len([p for p in peers if p.accepted]),
+            "refused": len([p for p in peers if p.refused]),
+        }
+
     def _finish_fetch(self, now: float) -> None:
+        self._seeding_since = time.monotonic()
         with self._cv:
             self.complete = True
             self._cv.notify_all()
@@ -1072,6 +1266,7 @@ class Node:
             self._advertiser.update(role="seed")
 
     def _become_seed(self, checksums: list[str], now: float) -> None:
+        self._seeding_since = time.monotonic()
         self.checksums = checksums
         self.transport.set_checksums(checksums)
         self.scheduler = self._new_scheduler(True)
@@ -1112,47 +1307,49 @@ class Node:
         if not (have or handed or out):
             return
         self._out_have, self._out_handed, self._out = [], [], {}
-        shared: list[bytes] | None = None  # the frames of peers that get only the broadcast part
+        shared: list[tuple[P.Batch, bytes]] | None = None  # for peers that get only the broadcast part
         for peer in list(self._peers.values()):
             box = out.get(peer.id)
             news = peer.accepted and bool(have or handed)
             if box is None:
                 if news:
                     if shared is None:
-                        shared = [self.codec.encode(b) for b in _batches(have, handed)]
-                    for frame in shared:
-                        self._send_frame(peer, frame, "batch", now)
+                        shared = [(b, P.pack(b)) for b in _batches(have, handed)]
+                    for b, payload in shared:
+                        self._send(peer, b, now, payload)
             else:
                 h, ho = (have, handed) if news else ([], [])
                 lists = (box.cancel, box.request, box.sent, box.busy, box.refused)
                 for b in _batches(h, ho, *map(list, lists)):
                     self._send(peer, b, now)
 
-    def _send(self, peer: _Peer, msg: P.Message, now: float) -> None:
-        self._send_frame(peer, self.codec.encode(msg), msg.TYPE, now)
-
-    def _send_frame(self, peer: _Peer, frame: bytes, kind: str, now: float) -> None:
+    def _send(self, peer: _Peer, msg: P.Message, now: float, payload: bytes | None = None) -> None:
+        """Send on the peer's first live link, sealed by that link's session (`payload`: `msg` packed
+        already, when one message goes to many peers)."""
+        payload = P.pack(msg) if payload is None else payload
         peer.last_sent = now
         for dial in peer.dials:
             if dial.sock in self._dials:
-                dial.sock.send(frame, zmq.NOBLOCK)
+                dial.sock.send(dial.session.seal(payload), zmq.NOBLOCK)
                 return
         for ident in peer.idents:
+            session = self._sessions.get(ident)
+            if session is None or not session.established:
+                continue
             assert self._router is not None
             try:
-                self._router.send_multipart([ident, frame], zmq.NOBLOCK)
+                self._router.send_multipart([ident, session.seal(payload)], zmq.NOBLOCK)
             except zmq.Again:
-                log.warning("control queue to %s is full; dropping %s", peer.name, kind)
+                log.warning("control queue to %s is full; dropping %s", peer.name, msg.TYPE)
             return
 
     def _reply(self, ident: bytes | None, dial: _Dial | None, msg: P.Message) -> None:
-        frame = self.codec.encode(msg)
         try:
             if ident is not None:
                 assert self._router is not None
-                self._router.send_multipart([ident, frame], zmq.NOBLOCK)
+                self._router.send_multipart([ident, self._session_of(ident).encode(msg)], zmq.NOBLOCK)
             elif dial is not None:
-                dial.sock.send(frame, zmq.NOBLOCK)
+                dial.sock.send(dial.session.encode(msg), zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.debug("reply %s not sent: %s", msg.TYPE, e)
 
@@ -1179,6 +1376,9 @@ class Node:
             elif now - peer.last_sent > self.config.peer_timeout_s / 3:
                 self._send(peer, P.Ping(), now)
         self._sample_rates(now)
+        self.metrics.update(self._peer_states(), self._seeding_since)
+        if self.checksums is None:
+            self._decide(now)
         if self._fetching and not self.complete:
             self._check_fetch(now)
 
@@ -1227,9 +1427,9 @@ class Node:
             if ":" in addr[0]:
                 sock.setsockopt(zmq.IPV6, 1)
             sock.connect(f"tcp://{host}:{addr[1]}")
-            dial = _Dial(addr[0], addr[1], sock, now)
+            dial = _Dial(addr[0], addr[1], sock, now, P.Session(self.codec, self.identity, dialer=True))
             self._dials[sock] = dial
-            sock.send(self.codec.encode(self._hello()), zmq.NOBLOCK)
+            sock.send(dial.session.open(), zmq.NOBLOCK)  # Hello follows once the session is up
             self._dial_after[addr] = now + _DIAL_BACKOFF_S
 
     def _close_dial(self, dial: _Dial, *, backoff: bool, forever: bool = False) -> None:
@@ -1250,6 +1450,7 @@ class Node:
         self._peers.pop(peer.id, None)
         for ident in peer.idents:
             self._by_ident.pop(ident, None)
+            self._sessions.pop(ident, None)
         for dial in list(peer.dials):
             self._close_dial(dial, backoff=True)
         self.transport.drop(peer.id)
@@ -1268,7 +1469,9 @@ class Node:
         if elapsed > cfg.deadline_s:
             self._fail_fetch(self._stall(f"the fetch passed its deadline of {cfg.deadline_s:.0f} s"))
         elif not accepted and self.scheduler.held_count == 0 and elapsed > cfg.discovery_timeout_s:
-            if self._mismatches:
+            if self._votes and not any(self._majority(d) for d in set(self._votes.values())):
+                self._fail_fetch(self._disagreement())
+            elif self._mismatches:
                 # Members were found, but every one holds something else (another key, manifest,
                 # content or transport): say what, rather than "no seed".
                 first = next(iter(self._mismatches.items()))
@@ -1339,6 +1542,11 @@ class Node:
         if getattr(self, "_torn_down", False):
             return
         self._torn_down = True
+        if self._dns is not None:
+            self._dns.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        self.metrics.close()
         for closer in (self._advertiser, self._browser):
             if closer is not None:
                 try:
@@ -1416,6 +1624,14 @@ def _interface_address(interface: str) -> str:
 
 
 def _make_transport(config: NodeConfig) -> Transport:
+    if config.transport == "auto":
+        from swarm.transport.auto import AutoTransport
+
+        return AutoTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)
+    if config.transport == "ipc":
+        from swarm.transport.ipc import IpcTransport
+
+        return IpcTransport(io_timeout_s=config.io_timeout_s)
     if config.transport == "nccl":
         from swarm.transport.nccl import NcclTransport
 

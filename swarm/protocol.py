@@ -1,25 +1,27 @@
-"""The control messages of vllm-swarm: msgpack-encoded, versioned, bounded, validated, optionally signed.
+"""The control messages of vllm-swarm: msgpack-encoded, versioned, bounded, validated, bound to a session.
 
 Wire form of one message (one ZeroMQ frame):
 
-    msgpack [b"VSW", VERSION, payload: bin, mac: bin | nil]
+    msgpack [b"VSW", VERSION, seq: int, payload: bin, mac: bin | nil]
     payload = msgpack [type: str, fields: map]
 
 Rules:
 
 - Every decode is bounded before any work is done: the frame size (`MAX_FRAME`), and inside msgpack the
   lengths of strings, binaries, arrays and maps. Then every field is validated against its message's
-  schema (type, range, length; piece indices against the manifest when the caller passes the piece
-  count). Anything malformed raises `ProtocolError`; nothing else escapes `decode`.
+  schema (type, range, length; piece indices, bitfields and checksum lists against the manifest when the
+  caller passes the piece count). Anything malformed raises `ProtocolError`; nothing else escapes.
 - A peer of another version gets `VersionMismatchError` (a `ProtocolError`) naming both versions; the
-  version is checked before the payload is looked at, so later versions may change the payload freely.
-- With a cluster token (option, or the SWARM_TOKEN environment variable), every message carries
-  HMAC-SHA256(key, payload) with key = SHA-256(token); a message without a valid MAC raises `AuthError`.
-  Without a token the swarm is open on its LAN (the node logs so). A node without a token also refuses
-  signed messages, so a misconfigured fleet fails loudly instead of half-working.
-- Limits: the MAC authenticates the sender as a token holder; it does not stop a token holder from
-  replaying an old message (harmless here: every message is idempotent or answered per request), and it
-  does not encrypt.
+  version is checked before anything else, so later versions may change the rest freely.
+- Every link runs a `Session`: a handshake that binds fresh nonces of both ends and their Ed25519 public
+  keys (so each end knows the other's peer id for certain, swarm/identity.py), then sequence numbers per
+  direction and, with a cluster token (SWARM_TOKEN, or the file SWARM_TOKEN_FILE names), an HMAC-SHA256
+  under keys derived from the token and the handshake. A frame recorded anywhere is worth nothing sent
+  again: on another link the keys differ, on its own link its sequence number is spent. Without a
+  token the swarm is open on its LAN (the node logs so); a node without a token refuses signed frames,
+  and one with a token refuses unsigned ones, so a misconfigured fleet fails loudly.
+- Limits: nothing is encrypted; without a token, an attacker on the path of a TCP connection can change
+  what it carries (ids are still proven at the handshake).
 
 Messages are frozen dataclasses; `SCHEMAS` maps each message type to its fields' validators. Adding a
 message is adding a class and its schema; transitions of the node live in swarm/node.py.
@@ -36,9 +38,10 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from swarm.errors import AuthError, ProtocolError, VersionMismatchError
+from swarm.errors import AuthError, ConfigError, ProtocolError, VersionMismatchError
+from swarm.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, peer_id_of, verify
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"VSW"
 MAX_FRAME = 16 * 1024 * 1024
 MAX_STR = 4096
@@ -47,6 +50,8 @@ MAX_MAP = 256
 #: Pieces one list of a `Batch` may name (distinct indices; a sender splits a longer turn's worth).
 MAX_BATCH = 4096
 MAC_SIZE = 32
+NONCE_SIZE = 16
+_MAX_HANDSHAKE = 1024  # handshake frames are < 200 bytes; pre-session errors up to ~600
 ROLES = ("seed", "leecher")
 
 
@@ -86,10 +91,10 @@ def Str(max_len: int = 256, choices: tuple[str, ...] | None = None) -> Check:
     return check
 
 
-def Bin(max_len: int = MAX_FRAME) -> Check:
+def Bin(max_len: int = MAX_FRAME, min_len: int = 0) -> Check:
     def check(v: Any, _: int | None) -> bytes:
-        if type(v) is not bytes or len(v) > max_len:
-            raise _fail(f"binary of <= {max_len} bytes", v)
+        if type(v) is not bytes or not min_len <= len(v) <= max_len:
+            raise _fail(f"binary of {min_len} to {max_len} bytes", v)
         return v
 
     return check
@@ -210,7 +215,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Hello(Message):
-    """First message both ways: who I am, which swarm, what I hold, where my data plane listens."""
+    """First message both ways once the session is up: who I am (the session's proven id), which swarm,
+    what I hold, where my data plane listens."""
 
     TYPE: ClassVar[str] = "hello"
     SCHEMA: ClassVar[Mapping[str, Check]] = {
@@ -431,15 +437,82 @@ MESSAGES: dict[str, type[Message]] = {
 }
 
 
+# --- session handshake ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionOpen(Message):
+    """First frame of a link, dialer to listener: a fresh nonce and the dialer's public key."""
+
+    TYPE: ClassVar[str] = "open"
+    SCHEMA: ClassVar[Mapping[str, Check]] = {
+        "nonce": Bin(NONCE_SIZE, NONCE_SIZE),
+        "public": Bin(PUBLIC_KEY_SIZE, PUBLIC_KEY_SIZE),
+    }
+    nonce: bytes
+    public: bytes
+
+
+@dataclass(frozen=True)
+class SessionAccept(Message):
+    """Listener to dialer: its nonce and public key, and its signature over the transcript."""
+
+    TYPE: ClassVar[str] = "accept"
+    SCHEMA: ClassVar[Mapping[str, Check]] = {
+        "nonce": Bin(NONCE_SIZE, NONCE_SIZE),
+        "public": Bin(PUBLIC_KEY_SIZE, PUBLIC_KEY_SIZE),
+        "sig": Bin(SIGNATURE_SIZE, SIGNATURE_SIZE),
+    }
+    nonce: bytes
+    public: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class SessionConfirm(Message):
+    """Dialer to listener: the dialer's signature over the transcript. The session is then up."""
+
+    TYPE: ClassVar[str] = "confirm"
+    SCHEMA: ClassVar[Mapping[str, Check]] = {"sig": Bin(SIGNATURE_SIZE, SIGNATURE_SIZE)}
+    sig: bytes
+
+
+HANDSHAKE: dict[str, type[Message]] = {c.TYPE: c for c in (SessionOpen, SessionAccept, SessionConfirm)}
+
+
 # --- codec --------------------------------------------------------------------------------------
 
 
-def token_from_env() -> str | None:
-    return os.environ.get("SWARM_TOKEN") or None
+def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The cluster token: SWARM_TOKEN, or the content of the file SWARM_TOKEN_FILE names (so the secret
+    need not appear on a command line or in vLLM's printed arguments); both, different: ConfigError."""
+    env = os.environ if env is None else env
+    token, from_file = env.get("SWARM_TOKEN") or None, read_token_file(env.get("SWARM_TOKEN_FILE") or None)
+    if token and from_file and token != from_file:  # as NodeConfig: two different secrets, pick neither
+        raise ConfigError(
+            "both a token and a token file are set", hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both"
+        )
+    return token or from_file
+
+
+def read_token_file(path: str | None) -> str | None:
+    """The token in `path` (surrounding whitespace stripped); None for no path. A missing, unreadable or
+    empty file raises ConfigError: a member that meant to use a token must not start open."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read(MAX_STR + 1).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the token file {path!r}: {e}", hint="check SWARM_TOKEN_FILE") from e
+    if not token or len(token) > MAX_STR:
+        raise ConfigError(f"the token file {path!r} is empty or longer than {MAX_STR} characters")
+    return token
 
 
 class Codec:
-    """Encodes and decodes messages; signs and verifies them when a cluster token is set."""
+    """The cluster token's key, and the message layer shared by every session: packing a message into a
+    payload, and validating a payload against its schema."""
 
     def __init__(self, token: str | None = None) -> None:
         self._key = hashlib.sha256(token.encode()).digest() if token else None
@@ -448,62 +521,222 @@ class Codec:
     def authenticated(self) -> bool:
         return self._key is not None
 
+    def mac(self, label: bytes, data: bytes) -> bytes | None:
+        return hmac.new(self._key, label + data, hashlib.sha256).digest() if self._key else None
+
+    def derive(self, label: bytes, data: bytes) -> bytes | None:
+        return self.mac(b"vsw-key-" + label, data)
+
+
+def pack(msg: Message) -> bytes:
+    """The payload of a message: msgpack [type, {field: value}]."""
+    body = {f.name: getattr(msg, f.name) for f in fields(msg)}
+    payload: bytes = msgpack.packb([msg.TYPE, body], use_bin_type=True)
+    return payload
+
+
+def decode_payload(
+    payload: bytes, pieces: int | None = None, table: Mapping[str, type[Message]] = MESSAGES
+) -> Message:
+    """Validate a payload against the schema of its type (one of `table`). `pieces` (the manifest's piece
+    count) bounds piece indices, bitfields and checksum lists when known."""
+    body = _unpack(payload)
+    if type(body) is not list or len(body) != 2 or type(body[0]) is not str or type(body[1]) is not dict:
+        raise ProtocolError("payload must be [type, fields]")
+    kind, values = body
+    cls = table.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unexpected message type {kind!r:.40}")
+    if set(values) != set(cls.SCHEMA):
+        raise ProtocolError(f"{kind}: fields {sorted(map(str, values))!r:.200} != {sorted(cls.SCHEMA)}")
+    checked = {name: check(values[name], pieces) for name, check in cls.SCHEMA.items()}
+    if cls is Bitfield and (
+        len(checked["bits"]) != (checked["count"] + 7) // 8
+        or (pieces is not None and checked["count"] != pieces)
+    ):
+        raise ProtocolError(f"bitfield of {checked['count']} pieces does not fit {pieces} pieces")
+    if cls is ManifestReply and pieces is not None and len(checked["checksums"]) not in (0, pieces):
+        raise ProtocolError(f"{len(checked['checksums'])} checksums for {pieces} pieces")
+    return cls(**checked)
+
+
+def _envelope(frame: bytes | bytearray | memoryview) -> tuple[int, bytes, Any]:
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"frame must be bytes, not {type(frame).__name__}")
+    if len(frame) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME}-byte limit")
+    envelope = _unpack(frame)
+    if type(envelope) is not list or len(envelope) < 2 or envelope[0] != MAGIC:
+        raise ProtocolError("not a vllm-swarm message (bad envelope)")
+    if envelope[1] != VERSION:
+        raise VersionMismatchError(envelope[1], VERSION)
+    if len(envelope) != 5:
+        raise ProtocolError("not a vllm-swarm message (bad envelope)")
+    _, _, seq, payload, mac = envelope
+    if type(seq) is not int or not 0 <= seq < 1 << 63:
+        raise ProtocolError(f"bad sequence number {seq!r:.40}")
+    if type(payload) is not bytes:
+        raise ProtocolError("payload must be binary")
+    return seq, payload, mac
+
+
+def _frame(seq: int, payload: bytes, mac: bytes | None) -> bytes:
+    frame: bytes = msgpack.packb([MAGIC, VERSION, seq, payload, mac], use_bin_type=True)
+    if len(frame) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds {MAX_FRAME}")
+    return frame
+
+
+class Session:
+    """One link's authentication: a handshake that binds both ends' fresh nonces and public keys, then
+    per-direction sequence numbers and (with a token) MACs under keys derived from that handshake.
+
+    Handshake (the dialer speaks first; every later frame needs it done):
+
+        dialer -> listener   open    {nonce_d, public_d}            mac = HMAC(K, "open" + payload)
+        listener -> dialer   accept  {nonce_l, public_l, sig_l}     mac = HMAC(K, "accept" + transcript)
+        dialer -> listener   confirm {sig_d}                        mac = HMAC(K, "confirm" + transcript)
+
+    with transcript = nonce_d + public_d + nonce_l + public_l and sig_x = Ed25519 signature by x over a
+    role label + transcript. Each end then knows the other's peer id (`swarm.identity.peer_id_of` of its
+    public key) for certain. Messages carry seq (1, 2, ... per direction; each must exceed the last one
+    received) and, with a token, HMAC(k_dir, seq + payload) with k_dir = HMAC(K, direction + transcript).
+    K = SHA-256(token). A frame recorded on one link is refused on any other (other keys) and on its own
+    (its seq is spent), so nothing recorded is worth anything replayed. Without a token there are no MACs:
+    ids are still proven, but the stream is as safe as the TCP connection it rides on.
+    """
+
+    def __init__(self, codec: Codec, identity: Identity, *, dialer: bool) -> None:
+        self.codec = codec
+        self.identity = identity
+        self.dialer = dialer
+        self.peer_id: str | None = None
+        self.peer_public = b""
+        self.established = False
+        self._nonce = os.urandom(NONCE_SIZE)
+        self._transcript = b""
+        self._send_key: bytes | None = None
+        self._recv_key: bytes | None = None
+        self._sent = 0
+        self._received = 0
+
+    # -- sending
+
+    def open(self) -> bytes:
+        """The dialer's first frame."""
+        assert self.dialer and not self._transcript
+        payload = pack(SessionOpen(self._nonce, self.identity.public))
+        return _frame(0, payload, self.codec.mac(b"open", payload))
+
     def encode(self, msg: Message) -> bytes:
-        body = {f.name: getattr(msg, f.name) for f in fields(msg)}
-        payload = msgpack.packb([msg.TYPE, body], use_bin_type=True)
-        mac = hmac.new(self._key, payload, hashlib.sha256).digest() if self._key else None
-        frame: bytes = msgpack.packb([MAGIC, VERSION, payload, mac], use_bin_type=True)
-        if len(frame) > MAX_FRAME:
-            raise ProtocolError(f"{msg.TYPE} message of {len(frame)} bytes exceeds {MAX_FRAME}")
-        return frame
+        return self.seal(pack(msg))
 
-    def decode(self, frame: bytes, pieces: int | None = None) -> Message:
-        """Decode one frame. `pieces` (the manifest's piece count) bounds piece indices when known."""
-        if not isinstance(frame, (bytes, bytearray, memoryview)):
-            raise ProtocolError(f"frame must be bytes, not {type(frame).__name__}")
-        if len(frame) > MAX_FRAME:
-            raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME}-byte limit")
-        envelope = _unpack(frame)
-        if type(envelope) is not list or len(envelope) != 4 or envelope[0] != MAGIC:
-            raise ProtocolError("not a vllm-swarm message (bad envelope)")
-        _, version, payload, mac = envelope
-        if version != VERSION:
-            raise VersionMismatchError(version, VERSION)
-        if type(payload) is not bytes:
-            raise ProtocolError("payload must be binary")
-        self._verify(payload, mac)
-        body = _unpack(payload)
-        if type(body) is not list or len(body) != 2 or type(body[0]) is not str or type(body[1]) is not dict:
-            raise ProtocolError("payload must be [type, fields]")
-        kind, values = body
-        cls = MESSAGES.get(kind)
-        if cls is None:
-            raise ProtocolError(f"unknown message type {kind!r:.40}")
-        if set(values) != set(cls.SCHEMA):
-            raise ProtocolError(f"{kind}: fields {sorted(map(str, values))!r:.200} != {sorted(cls.SCHEMA)}")
-        checked = {name: check(values[name], pieces) for name, check in cls.SCHEMA.items()}
-        if cls is Bitfield and (
-            len(checked["bits"]) != (checked["count"] + 7) // 8
-            or (pieces is not None and checked["count"] != pieces)
-        ):
-            raise ProtocolError(f"bitfield of {checked['count']} pieces does not fit {pieces} pieces")
-        return cls(**checked)
+    def seal(self, payload: bytes) -> bytes:
+        """Frame a payload for this link. Before the handshake is done only an unsigned frame can be
+        made (an Error to a stranger; the receiver treats it as unauthenticated)."""
+        if not self.established:
+            return _frame(0, payload, None)
+        self._sent += 1
+        seq = self._sent.to_bytes(8, "big")
+        mac = hmac.new(self._send_key, seq + payload, hashlib.sha256).digest() if self._send_key else None
+        return _frame(self._sent, payload, mac)
 
-    def _verify(self, payload: bytes, mac: Any) -> None:
-        if self._key is None:
-            if mac is not None:
-                raise AuthError(
-                    "peer signs its messages but this node has no cluster token",
-                    hint="set the same SWARM_TOKEN on every instance",
-                )
-            return
-        if type(mac) is not bytes or len(mac) != MAC_SIZE:
+    # -- receiving
+
+    def receive(self, frame: bytes, pieces: int | None = None) -> tuple[Message | None, bytes | None]:
+        """Check and decode one frame: (the message for the node, or None for a handshake frame; a frame
+        to send back, or None). Raises ProtocolError (AuthError for authentication) and changes nothing
+        then, except that a broken handshake must start again."""
+        seq, payload, mac = _envelope(frame)
+        if self.established:
+            self._verify(seq, payload, mac)
+            return decode_payload(payload, pieces), None
+        if len(payload) > _MAX_HANDSHAKE:
+            raise ProtocolError("no session: open one first")
+        try:
+            msg = decode_payload(payload, None, {**HANDSHAKE, Error.TYPE: Error})
+        except ProtocolError as e:
+            raise ProtocolError(f"no session: open one first ({e})") from None
+        if isinstance(msg, Error):
+            if self.dialer and seq == 0 and mac is None:
+                return msg, None  # unauthenticated: the node only logs it and drops the link
+            raise ProtocolError("no session: open one first")
+        if seq != 0:
+            raise ProtocolError("handshake frames carry no sequence number")
+        if not self.dialer and isinstance(msg, SessionOpen):
+            self._check_mac(mac, b"open", payload)
+            self._transcript = msg.nonce + msg.public + self._nonce + self.identity.public
+            self.peer_public = msg.public
+            sig = self.identity.sign(b"vsw-accept" + self._transcript)
+            answer = pack(SessionAccept(self._nonce, self.identity.public, sig))
+            return None, _frame(0, answer, self.codec.mac(b"accept", self._transcript))
+        if self.dialer and isinstance(msg, SessionAccept) and not self.established:
+            transcript = self._nonce + self.identity.public + msg.nonce + msg.public
+            self._check_mac(mac, b"accept", transcript)
+            if not verify(msg.public, msg.sig, b"vsw-accept" + transcript):
+                raise AuthError("the listener's signature does not match its key")
+            self._transcript, self.peer_public = transcript, msg.public
+            sig = self.identity.sign(b"vsw-confirm" + transcript)
+            confirm = pack(SessionConfirm(sig))
+            self._establish()
+            return None, _frame(0, confirm, self.codec.mac(b"confirm", transcript))
+        if not self.dialer and isinstance(msg, SessionConfirm) and self._transcript:
+            self._check_mac(mac, b"confirm", self._transcript)
+            if not verify(self.peer_public, msg.sig, b"vsw-confirm" + self._transcript):
+                raise AuthError("the dialer's signature does not match its key")
+            self._establish()
+            return None, None
+        raise ProtocolError(f"unexpected {msg.TYPE} in the session handshake")
+
+    def _establish(self) -> None:
+        here, there = (b"d2l", b"l2d") if self.dialer else (b"l2d", b"d2l")
+        self._send_key = self.codec.derive(here, self._transcript)
+        self._recv_key = self.codec.derive(there, self._transcript)
+        self.peer_id = peer_id_of(self.peer_public)
+        self.established = True
+
+    def _check_mac(self, mac: Any, label: bytes, data: bytes) -> None:
+        expected = self.codec.mac(label, data)
+        _compare(mac, expected)
+
+    def _verify(self, seq: int, payload: bytes, mac: Any) -> None:
+        if self._recv_key is None:
+            _compare(mac, None)
+        else:
+            _compare(mac, hmac.new(self._recv_key, seq.to_bytes(8, "big") + payload, hashlib.sha256).digest())
+        if seq <= self._received:
             raise AuthError(
-                "unsigned message while a cluster token is set", hint="check SWARM_TOKEN on the peer"
+                f"message {seq} after {self._received}: replayed or reordered", hint="a recorded frame?"
             )
-        expected = hmac.new(self._key, payload, hashlib.sha256).digest()
-        if not hmac.compare_digest(mac, expected):
-            raise AuthError("bad message signature", hint="the peer uses another SWARM_TOKEN")
+        self._received = seq
+
+
+def connected_pair(token: str | None = None) -> tuple[Session, Session]:
+    """Two ends of one link, handshake done in memory: (dialer, listener). For code that passes messages
+    without sockets (tests, in-process benchmarks)."""
+    codec = Codec(token)
+    dialer = Session(codec, Identity(), dialer=True)
+    listener = Session(codec, Identity(), dialer=False)
+    _, accept = listener.receive(dialer.open())
+    assert accept is not None
+    _, confirm = dialer.receive(accept)
+    assert confirm is not None
+    listener.receive(confirm)
+    return dialer, listener
+
+
+def _compare(mac: Any, expected: bytes | None) -> None:
+    if expected is None:
+        if mac is not None:
+            raise AuthError(
+                "peer signs its messages but this node has no cluster token",
+                hint="set the same SWARM_TOKEN (or SWARM_TOKEN_FILE) on every instance",
+            )
+        return
+    if type(mac) is not bytes or len(mac) != MAC_SIZE:
+        raise AuthError("unsigned message while a cluster token is set", hint="check SWARM_TOKEN on the peer")
+    if not hmac.compare_digest(mac, expected):
+        raise AuthError("bad message signature", hint="the peer uses another SWARM_TOKEN, or replays frames")
 
 
 def _unpack(data: bytes | bytearray | memoryview) -> Any:

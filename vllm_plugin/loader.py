@@ -34,7 +34,6 @@ replaces a tensor instead of updating it in place, a serving rank keeps the load
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,10 +41,12 @@ from typing import Any
 from torch import nn
 from vllm.logger import init_logger
 
+from swarm import metrics
 from swarm.errors import ConfigError, SwarmError
 from swarm.manifest import Manifest, SwarmKey, dtype_name, piece_checksums
 from vllm_plugin import compat, identity, members
-from vllm_plugin.options import LoaderOptions, auto_piece_size, parse_options
+from vllm_plugin.logs import route_swarm_logs
+from vllm_plugin.options import LoaderOptions, auto_piece_size, check_open_swarm, parse_options
 from vllm_plugin.tensors import SwarmTensors, changed_tensors, replaced_bytes, swarm_tensors
 
 logger = init_logger("vllm.swarm")
@@ -58,18 +59,6 @@ status = members.status
 
 class WeightsMissingError(RuntimeError):
     """The swarm could not provide the weights and the model directory has none to fall back to."""
-
-
-def _route_swarm_logs() -> None:
-    """Send the engine's own logs (logger "swarm") through vLLM's handler, so they show in vLLM's log."""
-    swarm_log = logging.getLogger("swarm")
-    if swarm_log.handlers:
-        return
-    for handler in logging.getLogger("vllm").handlers:
-        swarm_log.addHandler(handler)
-    if swarm_log.handlers:
-        swarm_log.setLevel(logging.INFO)
-        swarm_log.propagate = False
 
 
 def _fmt_bytes(n: float) -> str:
@@ -101,8 +90,9 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
                 f"got {type(extra).__name__}"
             )
         self.options: LoaderOptions = parse_options(extra)
-        # Validate the node options now (start-up), not when the first fetch needs them.
-        self._node_config(model_name="check", rank=0)
+        # Validate the node options now (start-up), not when the first fetch needs them, and refuse an
+        # open swarm beyond loopback unless allowed.
+        check_open_swarm(self._node_config(model_name="check", rank=0))
         version = compat.engine_version()
         if not compat.supported(version):
             logger.warning(
@@ -113,19 +103,16 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
             )
         self._vllm_config: Any = None
         self._fill: _Fill | None = None
+        self._timer = metrics.LoadTimer(model="", rank="")
 
     # --- configuration ----------------------------------------------------------------------------
 
     def _node_config(self, *, model_name: str, rank: int, piece_size: int | None = None) -> Any:
         from swarm.node import NodeConfig
 
-        values = dict(self.options.node)
-        if piece_size is not None and "piece_size" not in values:
-            values["piece_size"] = piece_size
-        if values.get("control_port"):
-            # One port per rank of this instance: the option names the port of rank 0.
-            values["control_port"] = values["control_port"] + rank
-        return NodeConfig.from_env(env={}, model_name=model_name, **values)
+        # rank r listens on control_port + r (and serves metrics on metrics_port + r)
+        overrides = self.options.node_overrides(rank=rank, piece_size=piece_size)
+        return NodeConfig.from_env(env={}, model_name=model_name, **overrides)
 
     def _disk_loader(self) -> Any:
         config = dataclasses.replace(
@@ -141,7 +128,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
 
     def load_model(self, vllm_config: Any, model_config: Any, *args: Any, **kwargs: Any) -> nn.Module:
         """The base class's load_model, with the swarm's start (load_weights) and finish around it."""
-        _route_swarm_logs()
+        route_swarm_logs()
         self._vllm_config, self._fill = vllm_config, None
         try:
             model = super().load_model(vllm_config, model_config, *args, **kwargs)
@@ -192,16 +179,19 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
         LAST_LOAD.clear()
         key = self.swarm_key(vllm_config, model_config)
         rank = key.pp_rank * key.tp_size + key.tp_rank
+        name = identity.model_name(model_config.model, self.options.model_id)
+        self._timer = metrics.LoadTimer(model=name, rank=key.rank)
         try:
             swarmed = swarm_tensors(model)
             piece_size = auto_piece_size(swarmed.total_bytes)
-            name = identity.model_name(model_config.model, self.options.model_id)
             config = self._node_config(model_name=name, rank=rank, piece_size=piece_size)
             manifest = Manifest.from_tensors(swarmed.tensors, config.piece_size)
         except ConfigError:
             raise
         except SwarmError as e:
-            self._fallback(model, model_config, f"this model cannot be swarmed ({e})", node=None)
+            self._fallback(
+                model, model_config, f"this model cannot be swarmed ({e})", "not_swarmable", node=None
+            )
             return None
 
         if swarmed.aliases:
@@ -220,11 +210,13 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
             raise
         except (SwarmError, OSError, RuntimeError) as e:  # zmq.ZMQError is a RuntimeError
             reason = f"the swarm node could not start ({type(e).__name__}: {e})"
-            self._fallback(model, model_config, reason, node=None)
+            self._fallback(model, model_config, reason, metrics.fallback_reason(e), node=None)
             return None
         members.add(node)
-        reason = self._fetch(node, manifest)
-        if reason is not None and not self._fallback(model, model_config, reason, node=node, swarmed=swarmed):
+        failed = self._fetch(node, manifest)
+        if failed is not None and not self._fallback(
+            model, model_config, *failed, node=node, swarmed=swarmed
+        ):
             return None
         before = piece_checksums(manifest, swarmed.tensors) if self.options.verify else None
         return _Fill(node, swarmed, before)
@@ -234,6 +226,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
         model: nn.Module,
         model_config: Any,
         reason: str,
+        code: str,
         *,
         node: Any,
         swarmed: SwarmTensors | None = None,
@@ -255,6 +248,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
                 members.remove(node)
             raise
         LAST_LOAD["seconds"] = seconds = time.perf_counter() - t0
+        self._timer.done("disk", sum(t.numel() * t.element_size() for t in model.state_dict().values()), code)
         if node is None or swarmed is None:
             return False
         moved = [n for n, t in swarmed.tensors.items() if t.data_ptr() != _live_ptr(model, n)]
@@ -273,40 +267,47 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
             )
         return True
 
-    def _fetch(self, node: Any, manifest: Manifest) -> str | None:
-        """Fetch every piece; None on success, else why it failed (the caller falls back)."""
+    def _fetch(self, node: Any, manifest: Manifest) -> tuple[str, str] | None:
+        """Fetch every piece; None on success, else why it failed and the metrics' reason code (the caller
+        falls back)."""
         from tqdm import tqdm
 
         from swarm.errors import ManifestMismatchError, NoSeedError, StallError
 
-        bar = None
-        if compat.use_tqdm(self.load_config):
-            bar = tqdm(
-                total=manifest.total_bytes,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1000,
-                desc="Loading weights from the swarm",
-                dynamic_ncols=True,
-            )
+        bar: Any = None
 
         def progress(done: int, total: int) -> None:
+            nonlocal bar
+            # the bar starts with the first bytes, once discovery is over, not at 0% during it
+            if bar is None and done > 0 and compat.use_tqdm(self.load_config):
+                bar = tqdm(
+                    total=manifest.total_bytes,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1000,
+                    desc="Loading weights from the swarm",
+                    dynamic_ncols=True,
+                )
             if bar is not None:
                 bar.update(done - bar.n)
 
         try:
             report = node.fetch(progress=progress)
         except NoSeedError as e:
-            return f"no seed found ({e})"
+            return f"no seed found ({e})", metrics.fallback_reason(e)
         except ManifestMismatchError as e:
-            return f"refused the seeds found: they hold a different manifest: {e.difference}"
+            return (
+                f"refused the seeds found: they hold a different manifest: {e.difference}",
+                "manifest_mismatch",
+            )
         except StallError as e:
-            return f"the swarm stalled ({e}; {len(e.missing)} pieces missing)"
+            return f"the swarm stalled ({e}; {len(e.missing)} pieces missing)", "stall"
         except SwarmError as e:
-            return f"fetching from the swarm failed ({type(e).__name__}: {e})"
+            return f"fetching from the swarm failed ({type(e).__name__}: {e})", metrics.fallback_reason(e)
         finally:
             if bar is not None:
                 bar.close()
+        self._timer.done("swarm", report.total_bytes)
         per_peer = ", ".join(
             f"{report.peer_names.get(p, p)}: {_fmt_bytes(b)}" for p, b in sorted(report.bytes_by_peer.items())
         )

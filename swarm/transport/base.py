@@ -17,6 +17,10 @@ transport moves the bytes and reports back through `Events`, from its own thread
   `Sent` that a transport hands to `Events.notify` travels in the peer's next `Batch` (one frame per
   loop turn) and reaches the other side's `on_message` as `Sent(piece, True)`; other messages leave
   at once.
+- Paths: `offer()` is what this member can use (advertised in its Hello, swarm.transport.paths);
+  `choose(peer, offer)` picks the path of a pair from the peer's offer (None: nothing in common);
+  `path(peer)` is that choice; `one_sided(peer)` says that pieces from `peer` are read by this side
+  alone (CUDA IPC), so the node sends that peer no requests or cancels.
 - `drop(peer)` frees everything tied to one peer at once (sockets, threads, buffers, communicators), also
   when the peer died; `close()` does that for every peer and stops listening. Both are bounded in time.
 - Every blocking operation inside a transport has a timeout; a channel that times out is dropped and
@@ -32,8 +36,10 @@ from typing import Any
 
 import torch
 
+from swarm.identity import Identity
 from swarm.manifest import Manifest
 from swarm.protocol import Message
+from swarm.transport.paths import Offer, local_offer
 
 
 @dataclass
@@ -56,8 +62,11 @@ class Transport(ABC):
         self.views: list[torch.Tensor] = []
         self.checksums: list[str] | None = None
         self.events: Events | None = None
-        #: this node's id, set by the node before `open` (the TCP data handshake sends it)
+        #: this node's id and the key that proves it, set by the node before `open` (the TCP data
+        #: handshake signs with it)
         self.peer_id = ""
+        self.identity: Identity | None = None
+        self._offer: Offer | None = None
 
     def bind(self, manifest: Manifest, tensors: Mapping[str, torch.Tensor], events: Events) -> None:
         self.manifest = manifest
@@ -104,3 +113,25 @@ class Transport(ABC):
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+    def offer(self) -> Offer:
+        """What this member offers its peers (after `bind`): this transport alone, on the GPU of its
+        tensors for a GPU transport."""
+        if self._offer is None:
+            gpu = next((v.device for v in self.views if v.is_cuda), None) if self.name != "tcp" else None
+            self._offer = local_offer([self.name], gpu)
+        return self._offer
+
+    def choose(self, peer: str, offer: Offer) -> str | None:
+        """The path to use with `peer`, given its offer; None when there is none in common. A member
+        forced to one transport uses it with every peer that runs it (no second-guessing: a forced
+        NCCL pair on one GPU is what tests/gpu/test_node_loopback.py drives through a loopback);
+        swarm.transport.auto chooses among several with `choose_path`."""
+        return self.name if self.name in offer.transports else None
+
+    def path(self, peer: str) -> str:
+        return self.name
+
+    def one_sided(self, peer: str) -> bool:
+        """Whether pieces from `peer` are read by this side alone (no request travels to the peer)."""
+        return False

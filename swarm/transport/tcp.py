@@ -2,8 +2,11 @@
 
 Set-up: every node listens on one data port (announced in its Hello). A leecher that wants pieces from a
 peer connects to that peer's data port; the connection then carries that peer's pieces to the leecher.
-The first bytes authenticate the leecher: the listener sends a random nonce, the leecher answers with
-its peer id and, when a cluster token is set, HMAC-SHA256(key, "vllm-swarm-data" + nonce + peer id).
+The first bytes authenticate the leecher: the listener sends a random nonce; the leecher answers with
+its peer id, its Ed25519 public key, its signature over "vllm-swarm-data" + nonce + the listener's id +
+its own id, and, when a cluster token is set, HMAC-SHA256(key, the same bytes). The listener checks that
+the id is the key's (swarm/identity.py), the signature, and the MAC, so nobody opens a channel under a
+member's id, with or without a token, and recorded credentials are worth nothing (the nonce is fresh).
 The listener only serves pieces to a channel whose peer id matches a control-plane peer it accepted a
 request from (the node's scheduler decides `send`), so an unauthenticated client receives nothing.
 
@@ -39,6 +42,7 @@ import torch
 
 from swarm import capture
 from swarm.errors import TransportError
+from swarm.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, peer_id_of, verify
 from swarm.manifest import checksum
 from swarm.transport.base import Transport
 
@@ -180,7 +184,7 @@ class _Receiver:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(t.io_timeout_s)
             nonce = _recv_exact(sock, NONCE_SIZE, t.io_timeout_s)
-            sock.sendall(t._credentials(nonce))
+            sock.sendall(t._credentials(nonce, self.peer))
             # Short socket timeouts let the loop notice close() and tell idle from stalled.
             sock.settimeout(_POLL_S)
             staging = bytearray(t.max_piece)
@@ -293,8 +297,13 @@ class TcpTransport(Transport):
             conn.sendall(nonce)
             (n,) = struct.unpack("!B", _recv_exact(conn, 1, self.connect_timeout_s))
             peer = _recv_exact(conn, n, self.connect_timeout_s).decode("utf-8", "replace")
+            public = _recv_exact(conn, PUBLIC_KEY_SIZE, self.connect_timeout_s)
+            sig = _recv_exact(conn, SIGNATURE_SIZE, self.connect_timeout_s)
             mac = _recv_exact(conn, 32, self.connect_timeout_s) if self._key else b""
-            if self._key and not hmac.compare_digest(mac, self._mac(nonce, peer)):
+            signed = self._signed(nonce, self.peer_id, peer)
+            if peer_id_of(public) != peer or not verify(public, sig, signed):
+                raise TransportError("data connection under an id its key does not prove")
+            if self._key and not hmac.compare_digest(mac, self._mac(signed)):
                 raise TransportError("data connection with a bad signature")
             conn.settimeout(self.io_timeout_s)
         except (OSError, TransportError, struct.error):
@@ -309,13 +318,22 @@ class TcpTransport(Transport):
         if old is not None:
             old.close(1.0)
 
-    def _mac(self, nonce: bytes, peer: str) -> bytes:
-        assert self._key is not None
-        return hmac.new(self._key, _DATA_CONTEXT + nonce + peer.encode(), hashlib.sha256).digest()
+    @staticmethod
+    def _signed(nonce: bytes, listener: str, peer: str) -> bytes:
+        return _DATA_CONTEXT + nonce + struct.pack("!B", len(listener)) + listener.encode() + peer.encode()
 
-    def _credentials(self, nonce: bytes) -> bytes:
+    def _mac(self, signed: bytes) -> bytes:
+        assert self._key is not None
+        return hmac.new(self._key, signed, hashlib.sha256).digest()
+
+    def _credentials(self, nonce: bytes, listener: str) -> bytes:
+        """What the receiving end sends after the listener's nonce (see the module docstring)."""
+        if self.identity is None:
+            raise TransportError("the transport has no identity (the node sets it before open)")
         pid = self.peer_id.encode()
-        return struct.pack("!B", len(pid)) + pid + (self._mac(nonce, self.peer_id) if self._key else b"")
+        signed = self._signed(nonce, listener, self.peer_id)
+        proof = self.identity.public + self.identity.sign(signed)
+        return struct.pack("!B", len(pid)) + pid + proof + (self._mac(signed) if self._key else b"")
 
     def connect(self, peer: str, params: Mapping[str, Any]) -> None:
         host, port = params.get("host"), params.get("port")

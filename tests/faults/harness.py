@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from swarm import protocol as P
-from swarm.errors import SwarmError
 from swarm.node import FetchReport, Node, NodeConfig
 from swarm.synthetic import synthetic_key, synthetic_tensors
 from swarm.transport.base import Events
@@ -78,6 +76,11 @@ def seed_node(size: int = SIZE, *, transport: TcpTransport | None = None, **cfg:
 def leecher_node(size: int = SIZE, *, transport: TcpTransport | None = None, **cfg: Any) -> Node:
     tensors = synthetic_tensors(size, fill=False)
     return Node(synthetic_key(size), tensors, config(**cfg), complete=False, transport=transport).start()
+
+
+def tcp_of(node: Node) -> Any:
+    """The node's TCP transport (the one under "auto", or the transport itself when forced)."""
+    return getattr(node.transport, "subs", {}).get("tcp", node.transport)
 
 
 def peers_of(*nodes: Node | int) -> str:
@@ -341,14 +344,6 @@ class RawClient:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
-
-
-def decoded(frames: Sequence[bytes], codec: P.Codec) -> list[P.Message]:
-    out = []
-    for f in frames:
-        with contextlib.suppress(SwarmError):
-            out.append(codec.decode(f))
-    return out
 
 
 def alive(node: Node, token: str | None = None) -> bool:

@@ -18,6 +18,7 @@ dials what it is told dials only loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -173,9 +174,12 @@ def insider_messages(t: Target) -> st.SearchStrategy[list[P.Message | tuple[str,
 
 
 def stranger_frames(token: str | None, valid: list[bytes]) -> st.SearchStrategy[list[bytes]]:
-    """Frames of a client without the token: garbage, damaged valid frames, other versions, bad MACs."""
-    other = P.Codec("not-the-token")
-    unsigned = P.Codec(None)
+    """Frames of a client without the token (sent before any session of its own): garbage, damaged valid
+    frames, other versions, frames of other sessions (recorded ones among them, `valid`), bad MACs."""
+    from tests.faults.attack import sealed_elsewhere
+
+    other = sealed_elsewhere("not-the-token")
+    unsigned = sealed_elsewhere(None)
     msgs = [P.StatusQuery(), P.Ping(), P.Request(0), P.ManifestQuery(), P.Have(1)]
 
     def damaged(frame: bytes, cut: int, flip: int) -> bytes:
@@ -188,8 +192,9 @@ def stranger_frames(token: str | None, valid: list[bytes]) -> st.SearchStrategy[
         st.binary(max_size=256),
         st.builds(damaged, st.sampled_from(valid), st.integers(0, 4096), st.integers(0, 4096)),
         st.builds(
-            lambda v, p, m: msgpack.packb([P.MAGIC, v, p, m], use_bin_type=True),
+            lambda v, s, p, m: msgpack.packb([P.MAGIC, v, s, p, m], use_bin_type=True),
             ints | plain,
+            ints,
             st.binary(max_size=64),
             st.one_of(st.none(), st.binary(min_size=32, max_size=32)),
         ),
@@ -199,24 +204,19 @@ def stranger_frames(token: str | None, valid: list[bytes]) -> st.SearchStrategy[
     return st.lists(frame, min_size=1, max_size=10)
 
 
-def encode_any(codec: P.Codec, item: P.Message | tuple[str, dict[str, Any]]) -> bytes | None:
-    """Encode a message, or a (type, fields) pair that bypasses the dataclasses (fields unchecked)."""
+def encode_any(session: P.Session, item: P.Message | tuple[str, dict[str, Any]]) -> bytes | None:
+    """Seal a message, or a (type, fields) pair that bypasses the dataclasses (fields unchecked)."""
     if isinstance(item, P.Message):
         try:
-            return codec.encode(item)
+            return session.encode(item)
         except (ValueError, TypeError, OverflowError, P.ProtocolError):
             return None
     kind, fields = item
     try:
         payload = msgpack.packb([kind, fields], use_bin_type=True)
-    except (ValueError, TypeError, OverflowError):
+        return session.seal(payload)
+    except (ValueError, TypeError, OverflowError, P.ProtocolError):
         return None
-    import hashlib
-    import hmac
-
-    key = codec._key
-    mac = hmac.new(key, payload, hashlib.sha256).digest() if key else None
-    return bytes(msgpack.packb([P.MAGIC, P.VERSION, payload, mac], use_bin_type=True))
 
 
 @dataclass
@@ -230,10 +230,10 @@ class Driver:
     replies: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from tests.faults.harness import RawClient
+        from tests.faults.attack import Member
 
-        self.codec = P.Codec(self.token)
-        self.client = RawClient(self.node.control_port)
+        self.member = Member(self.node.control_port, self.token, handshake=False)
+        self.client = self.member.raw
 
     def target(self) -> Target:
         n = self.node
@@ -246,22 +246,47 @@ class Driver:
             ports=[n.control_port, int(n.data_params.get("port", 0))],
         )
 
-    def run(self, frames: list[bytes], timeout_s: float = 10.0) -> list[P.Message]:
-        """Send `frames` then a signed StatusQuery; return the decoded replies up to its answer."""
-        self.client.reconnect()
-        for f in frames:
-            self.client.send(f)
-        self.client.send(self.codec.encode(P.StatusQuery()))
+    def as_member(self, items: list[Any]) -> list[Any]:
+        """The example as the current member sends it: its Hello under the member's own id (any other
+        id is refused before the node looks further, so fuzzing it would test nothing else)."""
+        if items and isinstance(items[0], P.Hello):
+            items = [dataclasses.replace(items[0], peer_id=self.member.id), *items[1:]]
+        return items
+
+    def session(self) -> P.Session:
+        """A fresh connection under a fresh key (a new member per example); the handshake not yet run."""
+        from tests.faults.attack import Member
+
+        self.member.close()
+        self.member = Member(self.node.control_port, self.token, handshake=False)
+        self.client = self.member.raw
+        return self.member.session
+
+    def run(self, frames: list[bytes], timeout_s: float = 10.0, *, stranger: bool = False) -> list[P.Message]:
+        """On the connection of the last `session()`: the handshake then `frames` (a `stranger` sends
+        them before it, as it cannot complete one), then a StatusQuery; the decoded replies up to its
+        answer (the strangers' answers first)."""
+        member = self.member
+        if stranger:
+            for f in frames:
+                self.client.send(f)
+        member.handshake(timeout_s)
+        got: list[P.Message] = list(member.early)
+        if not stranger:
+            for f in frames:
+                self.client.send(f)
+        member.send(P.StatusQuery())
         self.sent += len(frames)
         self.examples += 1
-        got: list[P.Message] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for raw in self.client.replies(wait_s=0.05, limit=1):
                 try:
-                    msg = self.codec.decode(raw)
+                    msg, _ = member.session.receive(raw)
                 except P.ProtocolError as e:
                     raise AssertionError(f"the node sent an undecodable reply: {e}") from e
+                if msg is None:
+                    continue
                 self.replies[msg.TYPE] = self.replies.get(msg.TYPE, 0) + 1
                 got.append(msg)
                 if isinstance(msg, P.StatusReply):
@@ -274,7 +299,7 @@ class Driver:
         )
 
     def close(self) -> None:
-        self.client.close()
+        self.member.close()
 
 
 #: A client that floods a node's control port with bad frames, reconnecting to dodge the per-

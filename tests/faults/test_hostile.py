@@ -18,22 +18,23 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from swarm import protocol as P
-from swarm.errors import FetchError
+from swarm.errors import FetchError, ManifestMismatchError
 from swarm.node import Node
 from swarm.transport.tcp import NONCE_SIZE, TcpTransport
 from tests.faults import hostile
+from tests.faults.attack import Member, data_credentials, read_nonce, sealed_elsewhere
 from tests.faults.harness import (
     HOST,
     FetchRun,
     RawClient,
     alive,
     closing,
-    decoded,
     leecher_node,
     peers_of,
     resources,
     seed_node,
     swarm_threads,
+    tcp_of,
     wrong_bytes,
 )
 from tests.loopback import wait_until
@@ -96,7 +97,8 @@ def stranger_driver(seed: Node) -> Iterator[hostile.Driver]:
 def _insider(driver: hostile.Driver, data: st.DataObject) -> None:
     target = driver.target()
     items = data.draw(hostile.insider_messages(target))
-    frames = [f for f in (hostile.encode_any(driver.codec, i) for i in items) if f is not None]
+    session = driver.session()
+    frames = [f for f in (hostile.encode_any(session, i) for i in driver.as_member(items)) if f is not None]
     try:
         driver.run(frames)
     except AssertionError as e:
@@ -118,10 +120,11 @@ def test_insider_fuzz_never_kills_a_leecher(leecher_driver: hostile.Driver, data
 @FUZZ
 @given(data=st.data())
 def test_stranger_gets_only_errors(stranger_driver: hostile.Driver, data: st.DataObject) -> None:
-    codec = P.Codec(TOKEN)
-    valid = [codec.encode(m) for m in (P.StatusQuery(), P.Request(0), stranger_driver.node._hello())]
+    other = sealed_elsewhere(TOKEN)  # frames of another member's session: a recording
+    valid = [other.encode(m) for m in (P.StatusQuery(), P.Request(0), stranger_driver.node._hello())]
     frames = data.draw(hostile.stranger_frames(TOKEN, valid))
-    replies = stranger_driver.run(frames)
+    stranger_driver.session()
+    replies = stranger_driver.run(frames, stranger=True)
     answers = [m for m in replies if not isinstance(m, P.StatusReply)]
     assert all(isinstance(m, P.Error) for m in answers), answers
     assert len(answers) == len(frames)  # every bad frame answered with an error, nothing more
@@ -145,18 +148,17 @@ def test_report_inputs_tried(seed: Node, leecher: Node) -> None:
 def test_manifest_reply_with_absurd_piece_count_is_refused_cheaply() -> None:
     """Found by the insider fuzz: 'a 2^48-byte tensor in 1-byte pieces' hung the control loop in
     Manifest.from_wire (cutting is linear in the piece count). The codec now bounds it first."""
-    codec = P.Codec(TOKEN)
-    frame = hostile.encode_any(
-        codec,
-        (
+    import msgpack
+
+    payload = msgpack.packb(
+        [
             "manifest",
             {"manifest": {"piece_size": 1, "tensors": [["w", "uint8", [1 << 48], 1 << 48]]}, "checksums": []},
-        ),
+        ]
     )
-    assert frame is not None
     t0 = time.monotonic()
     with pytest.raises(P.ProtocolError, match="pieces"):
-        codec.decode(frame)
+        P.decode_payload(payload)
     assert time.monotonic() - t0 < 0.1
 
 
@@ -171,22 +173,22 @@ def test_oversized_frame_drops_only_that_connection(seed: Node) -> None:
 
 
 def test_unknown_version_and_missing_hmac_are_refused(seed: Node) -> None:
-    client = RawClient(seed.control_port)
-    try:
-        body = P.Codec(TOKEN).encode(P.StatusQuery())
-        import msgpack
+    import msgpack
 
-        env = msgpack.unpackb(body, raw=False)
+    member = Member(seed.control_port, TOKEN)
+    try:
+        env = msgpack.unpackb(member.session.encode(P.StatusQuery()), raw=False)
         env[1] = P.VERSION + 1
-        client.send(msgpack.packb(env, use_bin_type=True))
-        client.send(P.Codec(None).encode(P.StatusQuery()))
-        client.send(P.Codec("wrong").encode(P.StatusQuery()))
-        replies = decoded(client.replies(wait_s=2.0, limit=3), P.Codec(TOKEN))
+        member.raw.send(msgpack.packb(env, use_bin_type=True))
+        env[1], env[2], env[4] = P.VERSION, env[2] + 1, None
+        member.raw.send(msgpack.packb(env, use_bin_type=True))
+        member.raw.send(sealed_elsewhere("wrong").encode(P.StatusQuery()))
+        replies = member.received(wait_s=2.0)
         assert [type(m) for m in replies] == [P.Error] * 3, replies
         assert "version" in replies[0].message  # type: ignore[attr-defined]
         assert "unsigned" in replies[1].message and "signature" in replies[2].message  # type: ignore[attr-defined]
     finally:
-        client.close()
+        member.close()
 
 
 def _data_port(node: Node) -> int:
@@ -244,7 +246,9 @@ def test_member_without_the_token_gets_no_data(seed: Node) -> None:
     before = seed.bytes_out
     with closing(leecher_node(peers=peers_of(seed), discovery_timeout_s=1.5)) as (stranger,):
         run = FetchRun(stranger).start().wait(30)
-        assert isinstance(run.error, FetchError), run.error
+        # The seed refuses the session; the error names the token as the cause.
+        assert isinstance(run.error, (FetchError, ManifestMismatchError)), run.error
+        assert "SWARM_TOKEN" in str(run.error), run.error
         assert stranger.bytes_in == 0
     time.sleep(0.2)
     assert seed.bytes_out == before
@@ -276,18 +280,17 @@ def test_flood_of_bad_frames_does_not_starve_honest_peers() -> None:
 
 @pytest.mark.timeout(60)
 def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
-    """Without a token, anyone may open a data channel under any name; one that the control plane
-    never accepted must still be freed (thread and socket) once its client hangs up, and so must the
-    channel of a leecher that dies without a word."""
+    """Without a token, anyone may open a data channel under an id of its own (a key it made); one that
+    the control plane never accepted must still be freed (thread and socket) once its client hangs up,
+    and so must the channel of a leecher that dies without a word."""
     with closing(seed_node()) as (seed,):
         before = (len(swarm_threads()), resources().fds)
-        for i in range(20):
+        t = tcp_of(seed)
+        for _ in range(20):
             with socket.create_connection((HOST, _data_port(seed)), timeout=3) as s:
-                s.recv(NONCE_SIZE)
-                name = f"stranger{i}".encode()
-                s.sendall(bytes([len(name)]) + name)
-                time.sleep(0.01)
-        t = seed.transport
+                name, credentials = data_credentials(read_nonce(s), seed.id)
+                s.sendall(credentials)
+                wait_until(lambda n=name: n in t._senders, 5, "the stranger's channel")  # type: ignore[attr-defined]
         wait_until(lambda: not t._senders, 5, "the seed to free the strangers' channels")  # type: ignore[attr-defined]
         wait_until(lambda: len(swarm_threads()) <= before[0], 5, "their threads to end")
         assert resources().fds <= before[1] + 2
@@ -298,20 +301,19 @@ def test_a_batch_of_requests_is_refused_in_one_frame() -> None:
     """An accepted peer that asks for every piece at once gets the refusals of that frame in one Batch
     frame, not one message a piece (no amplification: one frame in, one frame out)."""
     with closing(seed_node()) as (seed,):
-        client = RawClient(seed.control_port)
-        codec = P.Codec()
+        member = Member(seed.control_port, None)
         try:
             hello = seed._hello()
-            client.send(codec.encode(dataclasses.replace(hello, peer_id="raw-peer", role="leecher", data={})))
-            first = decoded(client.replies(wait_s=2.0, limit=2), codec)
-            assert [type(m) for m in first] == [P.Hello, P.Bitfield]
+            member.send(dataclasses.replace(hello, peer_id=member.id, role="leecher", data={}))
+            first = member.received(2.0)
+            assert {type(m) for m in first} == {P.Hello, P.Bitfield}, first
             k = len(seed.manifest.pieces)
-            client.send(codec.encode(P.Batch([], [], [], list(range(k)), [], [], [])))
-            replies = decoded(client.replies(wait_s=1.5), codec)
+            member.send(P.Batch([], [], [], list(range(k)), [], [], []))
+            replies = member.received(1.5)
         finally:
-            client.close()
+            member.close()
         batches = [m for m in replies if isinstance(m, P.Batch)]
         assert not [m for m in replies if isinstance(m, P.Reject)]
         assert len(batches) == 1, replies
-        # it has no data channel: every request is answered busy (past the slots and queue, or no channel)
+        # it has no data channel: every request is answered busy
         assert sorted(batches[0].busy) == list(range(k))

@@ -35,6 +35,7 @@ from tests.faults.harness import (
     seed_node,
     status_of,
     swarm_threads,
+    tcp_of,
     wait_for_member,
     wrong_bytes,
 )
@@ -172,7 +173,7 @@ def test_data_plane_frozen_mid_piece_costs_at_most_io_timeout() -> None:
 
 
 def _seed_resources_settled(seed: Node) -> bool:
-    t = seed.transport
+    t = tcp_of(seed)
     return not seed._peers and not t._senders and not t._receivers  # type: ignore[attr-defined]
 
 

@@ -2,7 +2,7 @@
 
 This process holds a synthetic model on the GPU and seeds it over TCP while its main thread captures CUDA
 graphs in a loop, in PyTorch's default (global) capture mode, as vLLM does after loading. Two leecher
-processes (`swarm fetch`) pull the whole model at the same time. Every capture must succeed and replay
+processes on the same GPU pull the whole model at the same time. Every capture must succeed and replay
 the right result, and each leecher must finish with every piece verified and the bytes identical.
 Skipped without CUDA.
 """
@@ -68,23 +68,7 @@ def test_capture_while_serving_two_leechers() -> None:
     with Node(synthetic_key(SIZE), tensors, config, complete=True) as seed:
         leechers = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "swarm.cli",
-                    "fetch",
-                    "--synthetic",
-                    str(SIZE),
-                    "--piece-size",
-                    str(PIECE),
-                    "--no-mdns",
-                    "--host",
-                    "127.0.0.1",
-                    "--peers",
-                    f"127.0.0.1:{port}",
-                    "--exit",
-                    "--quiet",
-                ],
+                [sys.executable, "-m", "tests.gpu.test_capture", str(port)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -103,10 +87,32 @@ def test_capture_while_serving_two_leechers() -> None:
                 if p.poll() is None:
                     p.kill()
                     p.wait(10)
-        sent = seed.status()["bytes_out"]
+        sent, total = seed.status()["bytes_out"], seed.manifest.total_bytes
     for p, out in zip(leechers, outputs, strict=True):
         assert p.returncode == 0, out[-2000:]
         assert "verified: identical to the synthetic model" in out, out[-2000:]
     assert captures > 10, f"only {captures} captures ran while the leechers fetched"
-    assert sent >= SIZE, sent  # every piece left the capturing process at least once
-    print(f"{captures} graph captures while serving 2 x {SIZE / 1e9:.1f} GB; seed sent {sent / 1e9:.2f} GB")
+    assert sent >= total, (sent, total)  # every piece left the capturing process at least once
+    print(f"{captures} graph captures while serving 2 x {total / 1e9:.2f} GB; seed sent {sent / 1e9:.2f} GB")
+
+
+def _leech(port: int) -> int:
+    """A leecher process on the same GPU (as vLLM instance B or C would be): fetch, then compare."""
+    from swarm.node import Node, NodeConfig
+    from swarm.synthetic import synthetic_key, synthetic_tensors
+
+    torch.cuda.set_device(0)
+    tensors = synthetic_tensors(SIZE, fill=False, device="cuda")
+    config = NodeConfig(
+        transport="tcp", host="127.0.0.1", mdns=False, piece_size=PIECE, peers=f"127.0.0.1:{port}"
+    )
+    with Node(synthetic_key(SIZE), tensors, config, complete=False) as node:
+        print(node.fetch().describe(), flush=True)
+    expected = synthetic_tensors(SIZE, device="cuda")
+    same = all(torch.equal(expected[k].view(torch.int16), t.view(torch.int16)) for k, t in tensors.items())
+    print("verified: identical to the synthetic model" if same else "MISMATCH", flush=True)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_leech(int(sys.argv[1])))

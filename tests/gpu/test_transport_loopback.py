@@ -26,7 +26,7 @@ class Pair:
     def __init__(self, **kw: Any) -> None:
         from bench.gpu import make_model, small_spec
         from swarm.manifest import Manifest, piece_checksums
-        from swarm.protocol import Codec
+        from swarm.protocol import decode_payload, pack
         from swarm.transport.base import Events
         from swarm.transport.nccl import NcclTransport
         from tests.gpu.loopback import LoopbackNccl
@@ -38,7 +38,6 @@ class Pair:
         self.manifest = Manifest.from_tensors(self.seed_t, piece_size=PIECE)
         self.sums = piece_checksums(self.manifest, self.seed_t)
         self.nccl = LoopbackNccl()
-        self.codec = Codec()
         self.cond = threading.Condition()
         self.events: list[tuple[Any, ...]] = []
         self.drop_opens = 0  # control messages "open" to lose on the way (a lossy control plane)
@@ -56,7 +55,7 @@ class Pair:
                 if self.drop_opens and getattr(msg, "params", {}).get("op") == "open":
                     self.drop_opens -= 1
                     return
-                other().on_message(me, self.codec.decode(self.codec.encode(msg)))
+                other().on_message(me, decode_payload(pack(msg)))
 
             return Events(
                 received=lambda peer, p: note("received", peer, p),

@@ -89,8 +89,9 @@ def _capture_errors(log: str) -> list[str]:
 
 
 def phase_three(run: Run, root: Path, eager: bool, name: str) -> dict[str, Any]:
-    full = make_tiny_model(root / name / "full", "llama", hidden=512, layers=4, vocab_size=512)
-    leech = copy_without_weights(full, root / name / "leech")
+    # the same directory name on both sides: it is the NAME of the model identity (docs/loader.md)
+    full = make_tiny_model(root / name / "full" / "llama", "llama", hidden=512, layers=4, vocab_size=512)
+    leech = copy_without_weights(full, root / name / "leech" / "llama")
     pa, pb, pc = free_port(), free_port(), free_port()
     piece = {"piece_size": "256KiB", "discovery_timeout_s": 60.0 if not eager else 3.0}
     t0 = time.monotonic()
@@ -131,8 +132,8 @@ def phase_three(run: Run, root: Path, eager: bool, name: str) -> dict[str, Any]:
 
 def phase_big(run: Run, root: Path, hidden: int, layers: int) -> dict[str, Any]:
     t0 = time.monotonic()
-    full = make_tiny_model(root / "big" / "full", "llama", hidden=hidden, layers=layers, vocab_size=512)
-    leech = copy_without_weights(full, root / "big" / "leech")
+    full = make_tiny_model(root / "big" / "full" / "llama", "llama", hidden=hidden, layers=layers)
+    leech = copy_without_weights(full, root / "big" / "leech" / "llama")
     made_s = time.monotonic() - t0
     nbytes = sum(f.stat().st_size for f in full.glob("*.safetensors"))
     pa, pb = free_port(), free_port()

@@ -112,6 +112,23 @@ def test_browser_filters_by_key(key: str) -> None:
         assert ids(filtered.peers()) == {mine.instance_id}
 
 
+def test_browser_ignores_its_own_advert(key: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A node browses with its own instance id as `ignore`: its advert is never listed nor logged as a
+    found peer (issue 14)."""
+    own, other = make_advert(key), make_advert(key)
+    caplog.set_level("INFO", logger="swarm.discovery")
+    with (
+        Browser(key_digest=key, interface=IF, ignore=own.instance_id) as browser,
+        Advertiser(own, interface=IF, probe=False),
+        Advertiser(other, interface=IF, probe=False),
+    ):
+        browser.wait_for(lambda p: other.instance_id in ids(p), T)
+        time.sleep(0.5)  # the own advert was announced before the other's; give it time anyway
+        assert ids(browser.peers()) == {other.instance_id}
+    assert not [r for r in caplog.records if own.instance_id in r.getMessage() and "found" in r.getMessage()]
+    assert [r for r in caplog.records if other.instance_id in r.getMessage() and "found" in r.getMessage()]
+
+
 def test_name_conflict_is_detected(key: str) -> None:
     advert = make_advert(key)
     with Advertiser(advert, interface=IF, probe=False):
@@ -284,8 +301,10 @@ def test_sigkilled_process_with_exit_watcher_is_withdrawn_at_once(key: str) -> N
             os.kill(agent.proc.pid, signal.SIGKILL)
             agent.proc.wait(T)
             t0 = time.monotonic()
-            browser.wait_for(lambda p: agent.id not in ids(p), T)
-            assert time.monotonic() - t0 < 5, "goodbye took longer than the watcher's bound"
+            # the record's TTL is 60 s: gone well before that means the goodbye came (a second or two
+            # on an idle machine; the bound is loose for a loaded CI machine)
+            browser.wait_for(lambda p: agent.id not in ids(p), 30)
+            assert time.monotonic() - t0 < 30
             assert started["advert"]["instance_id"] == agent.id
         _wait_gone(watchers[0])
     finally:

@@ -192,6 +192,27 @@ def test_diff_names_first_differing_tensor() -> None:
     assert a.digest != b.digest
 
 
+def test_diff_wire_matches_diff_without_cutting_the_other() -> None:
+    a = Manifest([TensorSpec("a", "bfloat16", (4, 4), 32), TensorSpec("b", "bfloat16", (8,), 16)], 64)
+    others = [
+        a,
+        Manifest([TensorSpec("a", "bfloat16", (4, 4), 32), TensorSpec("b", "float16", (8,), 16)], 64),
+        Manifest(list(a.tensors)[:1], 64),
+        Manifest([*a.tensors, TensorSpec("c", "uint8", (3,), 3)], 64),
+        Manifest(list(a.tensors), 32),
+    ]
+    for other in others:
+        assert a.diff_wire(other.to_wire()) == a.diff(other)
+    # Only this manifest's length + 1 rows are read: what follows is never looked at, however long.
+    wire = a.to_wire()
+    wire["tensors"] = [*wire["tensors"], ["c", "uint8", [1 << 20], 1 << 20], *(["garbage"] * 1000)]
+    assert "2 tensors expected, peer has 1003; first extra: c uint8" in (a.diff_wire(wire) or "")
+    with pytest.raises(ManifestError, match="malformed tensor entry"):
+        a.diff_wire({**a.to_wire(), "tensors": ["garbage"]})
+    with pytest.raises(ManifestError, match="piece size"):
+        a.diff_wire({**a.to_wire(), "piece_size": 0})
+
+
 def test_byte_views_check_tensors_against_manifest() -> None:
     src = make([10, 20])
     m = Manifest.from_tensors(src, 16)

@@ -41,16 +41,26 @@ def test_options_defaults_env_and_json_precedence() -> None:
     ("extra", "message"),
     [
         ({"discovery_timeout": 3}, "unknown option(s) 'discovery_timeout'"),
-        ({"piece_size": "lots"}, "piece_size='lots' is not valid"),
-        ({"piece_size": 0}, "expected a positive size"),
+        ({"piece_size": "lots"}, "--model-loader-extra-config piece_size='lots' is not valid: not a size"),
+        ({"piece_size": 0}, "piece_size=0 is not valid: less than 1 KiB"),
+        ({"piece_size": 1.5}, "not a whole number of bytes"),
         ({"deadline_s": -1}, "expected a positive number of seconds"),
         ({"mdns": "yes"}, "expected true or false"),
-        ({"control_port": "5000"}, "expected an integer"),
+        ({"control_port": "5000"}, "control_port='5000' is not valid: not an integer"),
+        ({"control_port": 1.5}, "control_port=1.5 is not valid: not an integer"),
         ({"peers": []}, "host:port"),
-        ({"model_id": ""}, "expected a string"),
+        ({"peers": "10.0.0.1"}, "missing ':port'"),  # issue 13: vLLM started, then did not seed
+        ({"peers": ["dns:svc.ns.svc:0"]}, "port '0' is not a number in 1..65535"),
+        ({"model_id": ""}, "model_id='' is not valid: empty"),
+        ({"token": 42}, "token=<hidden> is not valid"),
+        ({"rate_cap": "2GB"}, None),
+        ({"peers": ["dns:swarm.default.svc.cluster.local", "dns-srv:_swarm._tcp.swarm"]}, None),
     ],
 )
-def test_bad_options_fail_with_a_clear_message(extra: dict[str, object], message: str) -> None:
+def test_bad_options_fail_with_a_clear_message(extra: dict[str, object], message: str | None) -> None:
+    if message is None:  # accepted
+        assert parse_options(extra, env={}).node
+        return
     with pytest.raises(ConfigError) as e:
         parse_options(extra, env={})
     assert message in str(e.value)
@@ -61,6 +71,16 @@ def test_bad_environment_fails_with_the_variable_named() -> None:
         parse_options({}, env={"SWARM_STALL_TIMEOUT": "soon"})
     with pytest.raises(ConfigError, match="SWARM_SERVE='maybe'"):
         parse_options({}, env={"SWARM_SERVE": "maybe"})
+
+
+def test_node_overrides_of_a_rank() -> None:
+    o = parse_options({"control_port": 47000, "metrics_port": 9400}, env={})
+    values = o.node_overrides(rank=1, piece_size=1 << 20)
+    assert values == {"control_port": 47000, "metrics_port": 9400, "port_offset": 1, "piece_size": 1 << 20}
+    from swarm.node import NodeConfig
+
+    cfg = NodeConfig.from_env(env={}, model_name="m", **values)
+    assert (cfg.control_port, cfg.port_offset) == (47000, 1)
 
 
 def test_disk_options_pass_through() -> None:
@@ -222,3 +242,33 @@ def test_tiny_models_are_deterministic_and_tied(tmp_path: Path) -> None:
     leech = copy_without_weights(q, tmp_path / "leech")
     assert not [f for p in WEIGHT_PATTERNS for f in leech.glob(p)]
     assert (leech / "tokenizer.json").exists() and (leech / "config.json").exists()
+
+
+# --- logs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", True), ("warning", False)])
+def test_swarm_logs_carry_the_prefix_and_follow_the_level(level: str, shown: bool) -> None:
+    import io
+    import logging
+
+    from vllm_plugin.logs import route_swarm_logs
+
+    out = io.StringIO()
+    target = logging.StreamHandler(out)
+    target.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    swarm_log = logging.getLogger("swarm")
+    saved = (swarm_log.level, swarm_log.propagate)
+    installed = route_swarm_logs([target], level)
+    try:
+        assert installed and route_swarm_logs([target], level) == []  # idempotent
+        logging.getLogger("swarm.node").info("node %s listening", "abc")
+        logging.getLogger("swarm.discovery").warning("swarm: already prefixed")
+        lines = out.getvalue().splitlines()
+        expected = ["INFO swarm: node abc listening"] if shown else []
+        assert lines == [*expected, "WARNING swarm: already prefixed"]
+    finally:
+        for h in installed:
+            swarm_log.removeHandler(h)
+        swarm_log.setLevel(saved[0])
+        swarm_log.propagate = saved[1]
