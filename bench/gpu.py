@@ -1826,6 +1826,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(ALL_CASES)}")
     if args.device == "cpu" and args.cases != ["control"]:
         ap.error("--device cpu runs only the control case: add --cases control")
+    if args.control_baseline and args.device != "cpu":
+        # the GPU case's transport subclasses this checkout's NcclTransport: it cannot run another's swarm
+        ap.error("--control-baseline needs --device cpu; on a GPU, run each checkout's bench/gpu.py in turn")
     records = []
     gpu_cases = [c for c in args.cases if c not in ("control", "ipc")]
     if gpu_cases:
