@@ -400,8 +400,8 @@ class IpcTransport(Transport):
 
     def _run(self) -> None:
         assert self.device is not None
-        capture.relax()  # never disturb a CUDA graph capture of the process we serve from
         torch.cuda.set_device(self.device)
+        capture.relax()  # never disturb a CUDA graph capture of the process we serve from
         while not self._stop.is_set():
             busy = any(self._flight) or any(r.state in ("opening", "mapping") for r in self._remotes.values())
             try:
