@@ -1213,47 +1213,135 @@ class ControlTransport(NcclTransport):
         return buf
 
 
+#: Bytes of one piece in the CPU variant of the control case: what a piece costs the control plane does
+#: not depend on its size when the transport moves nothing (see `CpuControl`).
+CPU_PIECE_BYTES = 4096
+
+
+def null_transport(base: type) -> type:
+    """A transport that moves nothing, on any machine (the CPU variant of the control case): the seed's
+    `send` completes at once and signals the receiver through the control plane (`Sent`, which the node
+    carries), and the receiver reports the piece received when that signal arrives (both processes
+    already hold the same bytes). So a fetch costs exactly the control plane: ZeroMQ, codec, scheduler,
+    node loop, one completion signal a piece. Made from `base` (the Transport class of the swarm code
+    under test, which may be another checkout's: see `--control-baseline`)."""
+    from swarm.protocol import Sent
+
+    class NullTransport(base):  # type: ignore[valid-type, misc]
+        name = "tcp"  # a two-sided path like TCP's, as far as path negotiation goes (it moves nothing)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._expected: set[tuple[str, int]] = set()
+
+        def open(self, host: str) -> dict[str, Any]:
+            return {}
+
+        def connect(self, peer: str, params: Any) -> None:
+            pass
+
+        def expect(self, peer: str, piece: int) -> None:
+            self._expected.add((peer, piece))
+
+        def unexpect(self, peer: str, piece: int) -> None:
+            self._expected.discard((peer, piece))
+
+        def send(self, peer: str, piece: int) -> None:
+            self.events.notify(peer, Sent(piece, True))
+            self.events.sent(peer, piece, True)
+
+        def on_message(self, peer: str, msg: Any) -> None:
+            if isinstance(msg, Sent) and msg.ok and (peer, msg.piece) in self._expected:
+                self._expected.discard((peer, msg.piece))
+                self.events.received(peer, msg.piece)
+
+        def cancel(self, peer: str, piece: int) -> None:
+            pass
+
+        def drop(self, peer: str) -> None:
+            self._expected = {e for e in self._expected if e[0] != peer}
+
+        def close(self) -> None:
+            pass
+
+    return NullTransport
+
+
+def _use_swarm_from(src: str) -> None:
+    """Import `swarm` from another checkout in this (spawned) process from here on."""
+    for name in [m for m in sys.modules if m == "swarm" or m.startswith("swarm.")]:
+        del sys.modules[name]
+    sys.path.insert(0, os.path.abspath(src))
+
+
 def control_main(rank: int, world: int, port: int, ports: list[int], results: Any, args: Any) -> None:
-    """One node of the control-plane measurement (every rank on cuda:0)."""
+    """One node of the control-plane measurement: every rank on cuda:0, or on the CPU with a transport
+    that moves nothing (`--device cpu`; `args.control_src` names the checkout whose swarm runs)."""
     for k, v in SAFE_ENV.items():
         os.environ[k] = v
     coord = None
+    cpu = args.device == "cpu"
     try:
-        from swarm.manifest import SwarmKey
+        if args.control_src:
+            _use_swarm_from(args.control_src)
+        from swarm.manifest import Manifest, SwarmKey
         from swarm.node import Node, NodeConfig
+        from swarm.transport.base import Transport
 
-        device = torch.device("cuda", 0)
-        torch.cuda.set_device(device)
         coord = Coord(port, rank, world)
-        tensors = make_model(llama_spec(), device, random=True, seed=77)  # the same bytes everywhere
-        from swarm.transport.nccl import fused_checksum_works
+        if cpu:
+            device = torch.device("cpu")
+            meta = {n: torch.empty(shape, dtype=dt, device="meta") for n, shape, dt in llama_spec()}
+            Null = null_transport(Transport)
+        else:
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
+            tensors = make_model(llama_spec(), device, random=True, seed=77)  # the same bytes everywhere
+            from swarm.transport.nccl import fused_checksum_works
 
-        fused_checksum_works(device)  # compile the kernel here, not inside the first timed fetch
+            fused_checksum_works(device)  # compile the kernel here, not inside the first timed fetch
+            torch.cuda.synchronize()
         global NVLINK_SCHEDULER
         NVLINK_SCHEDULER = _nvlink_scheduler()
-        torch.cuda.synchronize()
         combos = [
             (m, v, sc)
             for sc in args.control_sched
-            for v in args.control_verify
+            for v in (["none"] if cpu else args.control_verify)
             for m in args.control_piece_mib
         ]
         for piece_mib, verify, sched in combos:
-            manifest = Manifest.from_tensors(tensors, piece_size=piece_mib << 20)
-            ControlTransport.verify = verify == "gpu"
+            if cpu:
+                # As many pieces as the 16 GB model has at this piece size, each CPU_PIECE_BYTES long.
+                count = len(Manifest.from_tensors(meta, piece_size=piece_mib << 20).pieces)
+                tensors = {"w": torch.full((count * CPU_PIECE_BYTES,), 0xA5, dtype=torch.uint8)}
+                manifest = Manifest.from_tensors(tensors, piece_size=CPU_PIECE_BYTES)
+                model_bytes = sum(
+                    t.numel() * t.element_size() for t in meta.values()
+                )  # what the pieces stand for
+            else:
+                manifest = Manifest.from_tensors(tensors, piece_size=piece_mib << 20)
+                model_bytes = manifest.total_bytes
+                ControlTransport.verify = verify == "gpu"
+
+            def transport() -> Any:
+                if cpu:
+                    return Null()
+                return ControlTransport(device, nccl=NullNccl())  # type: ignore[arg-type]
+
             for k in range(1, world):
                 key = f"control/{piece_mib}/{verify}/{sched}/{k}"
                 cfg = NodeConfig(
-                    transport="nccl",
+                    transport="tcp" if cpu else "nccl",
                     peers=",".join(f"127.0.0.1:{ports[j]}" for j in range(k + 1) if j != rank),
                     host="127.0.0.1",
                     control_port=ports[rank],
                     mdns=False,
-                    piece_size=piece_mib << 20,
+                    piece_size=manifest.piece_size,
                     discovery_timeout_s=20.0,
                     stall_timeout_s=30.0,
                     deadline_s=120.0,
-                    scheduler=NVLINK_SCHEDULER if sched == "nvlink" else None,
+                    # on the CPU as on the GPU: NodeConfig gives the nccl transport these by default
+                    scheduler=NVLINK_SCHEDULER if sched == "nvlink" or cpu else None,
                 )
                 skey = SwarmKey(model_id=f"control-{piece_mib}", dtype="bfloat16", engine="bench")
                 node = None
@@ -1264,7 +1352,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                         cfg,
                         complete=True,
                         manifest=manifest,
-                        transport=ControlTransport(device, nccl=NullNccl()),  # type: ignore[arg-type]
+                        transport=transport(),
                     ).start()
                 coord.barrier(f"{key}/start")
                 if 0 < rank <= k:
@@ -1275,7 +1363,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                         cfg,
                         complete=False,
                         manifest=manifest,
-                        transport=ControlTransport(device, nccl=NullNccl()),  # type: ignore[arg-type]
+                        transport=transport(),
                     ).start()
                     t1 = time.time()
                     first: list[float] = []
@@ -1307,7 +1395,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                         {
                             "case": "control",
                             "leechers": k,
-                            "bytes": manifest.total_bytes,
+                            "bytes": model_bytes,
                             "e2e_s": max(r["end"] - r["start"] for r in rows),
                             "transfer_s": fetch_s,
                             "piece_mib": piece_mib,
@@ -1315,13 +1403,14 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                             "scheduler": sched,
                             "pieces": n,
                             "pieces_per_s_per_leecher": n / fetch_s,
-                            "cap_GBps_per_leecher": manifest.total_bytes / fetch_s / 1e9,
+                            "cap_GBps_per_leecher": model_bytes / fetch_s / 1e9,
                             "steady_s": max(r["end"] for r in rows) - min(r["first"] for r in rows),
-                            "steady_GBps_per_leecher": manifest.total_bytes
+                            "steady_GBps_per_leecher": model_bytes
                             / (max(r["end"] for r in rows) - min(r["first"] for r in rows))
                             / 1e9,
                             "peers_used": [r["from"] for r in rows],
-                            "device": torch.cuda.get_device_name(device),
+                            "device": _device_name(device),
+                            "code": args.control_label,
                         }
                     )
         coord.barrier("control/done")
@@ -1364,9 +1453,33 @@ def collect(procs: list[Any], results: Any, world: int, timeout: float) -> list[
     return records
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def run_control(args: Any) -> list[dict[str, Any]]:
+    """The control case; with --control-baseline, first with that checkout's swarm, then with this one,
+    one piece size at a time (so that both see the same machine), and the ratios."""
     world = args.control_leechers + 1
-    return run_ranks(control_main, world, [free_port() for _ in range(world)], args)
+    if not args.control_baseline:
+        args = argparse.Namespace(**{**vars(args), "control_src": "", "control_label": "this"})
+        return run_ranks(control_main, world, [free_port() for _ in range(world)], args)
+    records: list[dict[str, Any]] = []
+    for mib in args.control_piece_mib:
+        for src, label in ((args.control_baseline, "baseline"), ("", "this")):
+            one = {"control_piece_mib": [mib], "control_src": src, "control_label": label}
+            one_args = argparse.Namespace(**{**vars(args), **one})
+            records += run_ranks(control_main, world, [free_port() for _ in range(world)], one_args)
+    base = {(r["piece_mib"], r["leechers"]): r for r in records if r.get("code") == "baseline"}
+    for r in records:
+        b = base.get((r.get("piece_mib"), r.get("leechers")))
+        if r.get("code") == "this" and b is not None:
+            r["vs_baseline"] = r["steady_GBps_per_leecher"] / b["steady_GBps_per_leecher"]
+    return records
 
 
 # --- ipc: one GPU, one process a member ----------------------------------------------------------------
@@ -1647,6 +1760,11 @@ def table(records: list[dict[str, Any]]) -> str:
                 k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("device",)
             }
             lines.append(json.dumps(extra))
+    keys = ("code", "device", "piece_mib", "leechers", "steady_GBps_per_leecher", "pieces_per_s_per_leecher")
+    for r in records:
+        if r.get("case") == "control":
+            row = {k: r[k] for k in (*keys, "vs_baseline") if k in r}
+            lines.append(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
     return "\n".join(lines)
 
 
@@ -1673,6 +1791,19 @@ def main(argv: list[str] | None = None) -> int:
         "--sched", default="both", help="swarm cases: scheduler settings: default, nvlink, or both"
     )
     ap.add_argument("--control-sched", default="default", help="control: scheduler: default, nvlink, or both")
+    ap.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="control: cpu runs it without a GPU, with a transport that moves nothing",
+    )
+    ap.add_argument(
+        "--control-baseline",
+        default="",
+        metavar="DIR",
+        help="control: also run it with the swarm package of this checkout (e.g. a git worktree of main), "
+        "side by side, and print the ratios",
+    )
     ap.add_argument("--swarm-piece-mib", default="64,256", help="swarm cases: piece sizes to try (MiB)")
     ap.add_argument(
         "--ipc-piece-mib", default="256,1024", help="ipc: piece sizes (MiB); the first is the default"
@@ -1693,6 +1824,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.cases) - set(ALL_CASES)
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(ALL_CASES)}")
+    if args.device == "cpu" and args.cases != ["control"]:
+        ap.error("--device cpu runs only the control case: add --cases control")
+    if args.control_baseline and args.device != "cpu":
+        # the GPU case's transport subclasses this checkout's NcclTransport: it cannot run another's swarm
+        ap.error("--control-baseline needs --device cpu; on a GPU, run each checkout's bench/gpu.py in turn")
     records = []
     gpu_cases = [c for c in args.cases if c not in ("control", "ipc")]
     if gpu_cases:

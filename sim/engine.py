@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sim.scenario import Scenario
-from swarm.scheduler import Cancel, Decision, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.scheduler import Cancel, Decision, HandedOut, Request, Scheduler, SchedulerConfig, Serve
 
 # event kinds
 _ARRIVE, _FLOW, _REQ, _CANCEL, _REFUSE, _RECV, _HAVE, _LEFT, _TICK, _FAIL, _BITFIELD, _HANDED = range(12)
@@ -164,7 +166,7 @@ class SwarmSim:
                 self._push(n.fail_at, _FAIL, n)
         heap = self.heap
         pop = heapq.heappop
-        handlers = {
+        handlers: dict[int, Callable[[float, Any, Any, Any], None]] = {
             _ARRIVE: self._on_arrive,
             _FLOW: self._on_flow,
             _REQ: self._on_req,
@@ -210,23 +212,21 @@ class SwarmSim:
     def _apply(self, n: _Node, decisions: list[Decision], now: float) -> None:
         t = now + self.lat
         for d in decisions:
-            cls = d.__class__
-            if cls is Request:
+            if isinstance(d, Request):
                 self._push(t, _REQ, self.by_name[d.peer], n, d.piece)
-            elif cls is Serve:
+            elif isinstance(d, Serve):
                 dst = self.by_name[d.peer]
                 if dst.alive:
                     self._start_flow(n, dst, d.piece, now)
                 else:  # raced with its failure; the peer_left on its way will clean up
                     self._apply(n, n.sched.upload_finished(d.peer, d.piece, now, False), now)
-            elif cls is Cancel:
+            elif isinstance(d, Cancel):
                 self.cancels += 1
                 self._push(t, _CANCEL, self.by_name[d.peer], n, d.piece)
-            elif cls is HandedOut:
+            elif isinstance(d, HandedOut):
                 self._push(t, _HANDED, n, d.piece)
-            elif cls is Refuse:
+            else:
                 self.refusals += 1
-                assert isinstance(d, Refuse)
                 self._push(t, _REFUSE, self.by_name[d.peer], n, (d.piece, d.reason))
 
     def _tick(self, n: _Node, now: float) -> None:
@@ -264,11 +264,19 @@ class SwarmSim:
 
     def _fill_up(self, x: _Node, now: float) -> None:
         """Share x's uplink among its uploads, max-min fair, each capped by what its receiver has left."""
-        flows = list(x.ups.values())
-        if not flows:
-            x.up_sum = 0.0
+        ups = x.ups
+        if len(ups) <= 1:
+            if not ups:
+                x.up_sum = 0.0
+                return
+            for f in ups.values():  # one flow: the loop below, unrolled (the same arithmetic)
+                d = f.dst
+                cap = d.down - d.down_sum + f.rate
+                up = x.up
+                self._set_rate(f, max(0.0, cap if cap < up else up), now)
             return
-        order = sorted((f.dst.down - f.dst.down_sum + f.rate, i) for i, f in enumerate(flows))
+        flows = list(ups.values())
+        order = sorted([(f.dst.down - f.dst.down_sum + f.rate, i) for i, f in enumerate(flows)])
         left = x.up
         n = len(flows)
         for _, i in order:
@@ -284,10 +292,17 @@ class SwarmSim:
     def _fill_down(self, x: _Node, now: float) -> None:
         """Share x's downlink among its downloads, max-min fair, each capped by its sender's spare uplink."""
         flows = x.downs
-        if not flows:
-            x.down_sum = 0.0
+        if len(flows) <= 1:
+            if not flows:
+                x.down_sum = 0.0
+                return
+            f = flows[0]  # one flow: the loop below, unrolled (the same arithmetic)
+            s = f.src
+            cap = s.up - s.up_sum + f.rate
+            down = x.down
+            self._set_rate(f, max(0.0, cap if cap < down else down), now)
             return
-        order = sorted((f.src.up - f.src.up_sum + f.rate, i) for i, f in enumerate(flows))
+        order = sorted([(f.src.up - f.src.up_sum + f.rate, i) for i, f in enumerate(flows)])
         left = x.down
         n = len(flows)
         for _, i in order:

@@ -26,6 +26,14 @@ of the members it met announce, and it fails the fetch with `ManifestMismatchErr
 (docs/reliability.md, threat model). A peer is *accepted* (known to the scheduler) only after these
 checks. Pieces are checked against the checksums before they are announced (Have) or served.
 
+Control plane: piece events leave in batches. Within one turn of the loop (everything read from the
+sockets and the transport's queue, then one scheduler tick), the haves of the pieces verified, the
+hand-out hints, and each peer's requests, cancels, completion signals and refusals of its requests are
+collected, and each peer gets one `Batch` frame at the end of the turn (`_flush`), so the cost per
+piece of the control plane falls with the load (and a frame of requests is answered by one frame).
+The loop sleeps until a socket, the transport or the scheduler's own next timeout
+(`Scheduler.next_timeout`) needs it, and housekeeping (pings, dials, fetch supervision) every 0.25 s.
+
 Liveness: any message proves a peer alive; idle links are pinged every `peer_timeout_s / 3`; a peer silent
 for `peer_timeout_s`, or whose data channel broke, is dropped: its requests go elsewhere, its transport
 resources are freed, and it may be dialed again if it is still advertised (after a back-off).
@@ -42,6 +50,7 @@ thread and socket within bounded time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -80,7 +89,8 @@ from swarm.transport.paths import Offer
 log = logging.getLogger("swarm.node")
 
 Progress = Callable[[int, int], None]
-_LOOP_TICK_S = 0.02
+_HOUSEKEEPING_S = 0.25
+_DISCOVERY_POLL_S = 0.02
 _DIAL_BACKOFF_S = 2.0
 _MAX_PEX = 32
 _MAX_PROTOCOL_ERRORS = 20
@@ -260,6 +270,65 @@ class FetchReport:
         return f"{self.total_bytes / 1e6:.1f} MB in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) from {parts}"
 
 
+# --- what transport threads (and callers) tell the loop: typed events on one queue ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    peer: str
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    peer: str
+    piece: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    peer: str
+    piece: int
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Closed:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Notify:
+    peer: str
+    msg: P.Message
+
+
+@dataclass(frozen=True, slots=True)
+class _Complete:
+    checksums: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Dns:
+    found: list[tuple[str, int]]
+
+
+_Event = _Received | _Failed | _Sent | _Closed | _Notify | _Complete | _Dns
+
+
+@dataclass
+class _Outbox:
+    """One peer's share of the next `Batch` (insertion-ordered: requests leave in the scheduler's order)."""
+
+    cancel: dict[int, None] = field(default_factory=dict)
+    request: dict[int, None] = field(default_factory=dict)
+    sent: list[int] = field(default_factory=list)
+    busy: dict[int, None] = field(default_factory=dict)  # answers to its requests: ask later/elsewhere
+    refused: dict[int, None] = field(default_factory=dict)  # ... and: not held
+
+
 @dataclass
 class _Dial:
     host: str
@@ -342,7 +411,11 @@ class Node:
         self._offered: dict[str, list[str]] = {}
         self._first_vote: float | None = None
         self._bad_idents: dict[bytes, int] = {}
-        self._events: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue()
+        self._events: queue.Queue[_Event] = queue.Queue()
+        # this turn's outgoing piece events (see _flush)
+        self._out_have: list[int] = []
+        self._out_handed: list[int] = []
+        self._out: dict[str, _Outbox] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -456,7 +529,7 @@ class Node:
     def mark_complete(self) -> None:
         """The tensors now hold the full model (loaded elsewhere): checksum it and serve as a seed."""
         checksums = piece_checksums(self.manifest, self.tensors)
-        self._post("complete", checksums)
+        self._post(_Complete(checksums))
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -587,7 +660,7 @@ class Node:
         if names:
             self._dns = dnspeers.DnsPeers(
                 names,
-                lambda found: self._post("dns", found),
+                lambda found: self._post(_Dns(found)),
                 interval_s=self.config.dns_interval_s,
                 server=self.config.dns_server,
             ).start()
@@ -615,24 +688,18 @@ class Node:
         )
 
     def _transport_events(self) -> Events:
-        def put(kind: str) -> Callable[..., None]:
-            def emit(*args: Any) -> None:
-                if kind == "notify" and threading.current_thread() is self._thread:
-                    peer = self._peers.get(args[0])
-                    if peer is not None:  # on the loop thread already: no queue hop
-                        self._send(peer, args[1], time.monotonic())
-                    return
-                self._events.put((kind, args))
-                self._wake()
-
-            return emit
+        def notify(peer_id: str, msg: P.Message) -> None:
+            if threading.current_thread() is self._thread:
+                self._notify(peer_id, msg, time.monotonic())  # on the loop thread already: no queue hop
+            else:
+                self._post(_Notify(peer_id, msg))
 
         return Events(
-            received=put("received"),
-            failed=put("failed"),
-            sent=put("sent"),
-            closed=put("closed"),
-            notify=put("notify"),
+            received=lambda peer, piece: self._post(_Received(peer, piece)),
+            failed=lambda peer, piece, reason: self._post(_Failed(peer, piece, reason)),
+            sent=lambda peer, piece, ok: self._post(_Sent(peer, piece, ok)),
+            closed=lambda peer, reason: self._post(_Closed(peer, reason)),
+            notify=notify,
         )
 
     def _wake(self) -> None:
@@ -641,9 +708,10 @@ class Node:
         except (BlockingIOError, OSError):
             pass
 
-    def _post(self, kind: str, *args: Any) -> None:
-        self._events.put((kind, args))
-        self._wake()
+    def _post(self, event: _Event) -> None:
+        self._events.put(event)
+        if threading.current_thread() is not self._thread:
+            self._wake()  # the loop drains the queue before it sleeps again: no wake-up from itself
 
     # --- the control loop -------------------------------------------------------------------------
 
@@ -662,7 +730,7 @@ class Node:
                 for sock in self._dials:
                     if sock not in _registered(poller):
                         poller.register(sock, zmq.POLLIN)
-                ready = dict(poller.poll(int(_LOOP_TICK_S * 1000)))
+                ready = dict(poller.poll(self._sleep_ms(time.monotonic(), next_housekeeping)))
                 now = time.monotonic()
                 if self._wake_r in ready:
                     _drain(self._wake_r)
@@ -679,17 +747,41 @@ class Node:
                     if isinstance(sock, zmq.Socket) and closed_dial:
                         poller.unregister(sock)
                 self._drain_events(now)
-                self._apply(self.scheduler.tick(now), now)
+                self._tick(now)
+                self._flush(now)
                 self._dial_news(now)
                 if now >= next_housekeeping:
-                    next_housekeeping = now + 0.25
+                    next_housekeeping = now + _HOUSEKEEPING_S
                     self._housekeeping(now)
+                    self._flush(now)
         except Exception as e:  # the loop must never die silently: fail the fetch with the cause
             log.exception("swarm node %s control loop failed", self.id)
             self._fail_fetch(FetchError(f"control loop failed: {type(e).__name__}: {e}"))
         finally:
             self._say_goodbye()
             self._teardown()
+
+    def _sleep_ms(self, now: float, next_housekeeping: float) -> int:
+        """How long the loop may sleep when nothing arrives: until the scheduler's next timeout or the
+        next housekeeping, whichever is first (0 when a tick has work now)."""
+        s = self.scheduler
+        if s.wants_tick or not self._events.empty():
+            return 0
+        until = next_housekeeping
+        due = s.next_timeout()
+        if due is not None and due < until:
+            until = due
+        if self._browser is not None and not self.complete:
+            # mDNS has no wake-up hook into this loop: a leecher looks at the browser's view this often,
+            # so that a seed found is dialed at once (_dial_news), not at the next housekeeping.
+            until = min(until, now + _DISCOVERY_POLL_S)
+        return max(0, math.ceil((until - now) * 1000))
+
+    def _tick(self, now: float) -> None:
+        s = self.scheduler
+        due = s.next_timeout()
+        if s.wants_tick or (due is not None and due <= now):
+            self._apply(s.tick(now), now)
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -829,7 +921,13 @@ class Node:
                 peer.early_have = set(msg.pieces())
             elif isinstance(msg, P.Have):
                 peer.early_have.add(msg.piece)
+            elif isinstance(msg, P.Batch) and not peer.refused:
+                peer.early_have.update(msg.have)
+                for piece in msg.sent:
+                    self.transport.on_message(peer.id, P.Sent(piece, True))
             return
+        elif isinstance(msg, P.Batch):
+            self._on_batch(peer, msg, now)
         elif isinstance(msg, P.Bitfield):
             self.scheduler.peer_bitfield(peer.id, msg.pieces(), now)
             self._maybe_connect_data(peer)
@@ -852,6 +950,28 @@ class Node:
             self._drop_peer(peer, f"said goodbye ({msg.reason})", now)
         elif isinstance(msg, P.Error):
             self._on_error(peer, msg, now)
+
+    def _on_batch(self, peer: _Peer, msg: P.Batch, now: float) -> None:
+        s = self.scheduler
+        if msg.have:
+            mask = 0
+            for piece in msg.have:
+                mask |= 1 << piece
+            s.peer_have_mask(peer.id, mask, now)
+            self._maybe_connect_data(peer)
+        for piece in msg.handed:
+            s.peer_handed_out(peer.id, piece, now)
+        for piece in msg.cancel:
+            s.upload_cancelled(peer.id, piece, now)
+            self.transport.cancel(peer.id, piece)
+        for piece in msg.request:
+            self._apply(s.upload_requested(peer.id, piece, now), now)
+        for piece in msg.sent:
+            self.transport.on_message(peer.id, P.Sent(piece, True))
+        for pieces, reason in ((msg.busy, "refused"), (msg.refused, "error")):
+            for piece in pieces:
+                self.transport.unexpect(peer.id, piece)
+                s.piece_failed(peer.id, piece, now, reason)
 
     def _hello(self) -> P.Hello:
         data = dict(self.data_params)
@@ -1117,7 +1237,7 @@ class Node:
     def _apply(self, decisions: list[Any], now: float) -> None:
         for d in decisions:
             if isinstance(d, HandedOut):
-                self._broadcast(P.HandedOut(d.piece), now)
+                self._out_handed.append(d.piece)
                 continue
             peer = self._peers.get(d.peer)
             if peer is None:
@@ -1126,58 +1246,61 @@ class Node:
                 self._maybe_connect_data(peer)
                 self.transport.expect(peer.id, d.piece)
                 if not self.transport.one_sided(peer.id):  # a one-sided path reads without asking
-                    self._send(peer, P.Request(d.piece), now)
+                    self._outbox(peer.id).request[d.piece] = None
             elif isinstance(d, Cancel):
                 self.transport.unexpect(peer.id, d.piece)
                 if not self.transport.one_sided(peer.id):
-                    self._send(peer, P.Cancel(d.piece), now)
+                    box = self._outbox(peer.id)
+                    if d.piece in box.request:
+                        del box.request[d.piece]  # withdrawn before it left: the peer never hears of it
+                    else:
+                        box.cancel[d.piece] = None
             elif isinstance(d, Serve):
                 if self.transport.has_channel(peer.id):
                     self.transport.send(peer.id, d.piece)
                 else:
-                    self._send(peer, P.Reject(d.piece, True, "data channel not ready"), now)
+                    self._outbox(peer.id).busy[d.piece] = None  # the data channel is not ready
                     self._apply(self.scheduler.upload_finished(peer.id, d.piece, now, False), now)
             elif isinstance(d, Refuse):
-                self._send(peer, P.Reject(d.piece, d.reason == "busy", d.reason[:200]), now)
+                box = self._outbox(peer.id)
+                (box.busy if d.reason == "busy" else box.refused)[d.piece] = None
 
     def _drain_events(self, now: float) -> None:
         while True:
             try:
-                kind, args = self._events.get_nowait()
+                ev = self._events.get_nowait()
             except queue.Empty:
                 return
-            if kind == "received":
-                self._on_received(args[0], args[1], now)
-            elif kind == "failed":
-                peer_id, piece, reason = args
-                self.metrics.failed(reason)
-                if peer_id in self._peers:
-                    self.scheduler.piece_failed(peer_id, piece, now, reason)
-                    if reason == "bad_checksum":
-                        self._peers[peer_id].failures += 1
-                        log.warning("piece %d from %s failed its checksum", piece, self._peers[peer_id].name)
-            elif kind == "sent":
-                peer_id, piece, ok = args
-                if ok:
-                    n = self.manifest.pieces[piece].length
+            if isinstance(ev, _Received):
+                self._on_received(ev.peer, ev.piece, now)
+            elif isinstance(ev, _Failed):
+                self.metrics.failed(ev.reason)
+                failed = self._peers.get(ev.peer)
+                if failed is not None:
+                    self.scheduler.piece_failed(ev.peer, ev.piece, now, ev.reason)
+                    if ev.reason == "bad_checksum":
+                        failed.failures += 1
+                        log.warning("piece %d from %s failed its checksum", ev.piece, failed.name)
+            elif isinstance(ev, _Sent):
+                to = self._peers.get(ev.peer)
+                if ev.ok:
+                    n = self.manifest.pieces[ev.piece].length
                     self.bytes_out += n
-                    if peer_id in self._peers:
-                        self._peers[peer_id].bytes_to += n
-                        self.metrics.sent(self._path(peer_id), self._peers[peer_id].hello.role, n)
-                if peer_id in self._peers:
-                    self._apply(self.scheduler.upload_finished(peer_id, piece, now, ok), now)
-            elif kind == "closed":
-                peer = self._peers.get(args[0])
+                    if to is not None:
+                        to.bytes_to += n
+                        self.metrics.sent(self._path(ev.peer), to.hello.role, n)
+                if to is not None:
+                    self._apply(self.scheduler.upload_finished(ev.peer, ev.piece, now, ev.ok), now)
+            elif isinstance(ev, _Closed):
+                peer = self._peers.get(ev.peer)
                 if peer is not None:
-                    self._drop_peer(peer, args[1], now)
-            elif kind == "notify":
-                peer = self._peers.get(args[0])
-                if peer is not None:
-                    self._send(peer, args[1], now)
-            elif kind == "complete":
-                self._become_seed(args[0], now)
-            elif kind == "dns":
-                self._on_dns(args[0])
+                    self._drop_peer(peer, ev.reason, now)
+            elif isinstance(ev, _Notify):
+                self._notify(ev.peer, ev.msg, now)
+            elif isinstance(ev, _Dns):
+                self._on_dns(ev.found)
+            else:
+                self._become_seed(ev.checksums, now)
 
     def _on_received(self, peer_id: str, piece: int, now: float) -> None:
         if self.scheduler.has(piece):
@@ -1195,15 +1318,9 @@ class Node:
             self._last_progress = now
             self._cv.notify_all()
         self._apply(decisions, now)
-        self._broadcast(P.Have(piece), now)
+        self._out_have.append(piece)
         if self.scheduler.complete:
             self._finish_fetch(now)
-
-    def _broadcast(self, msg: P.Message, now: float) -> None:
-        payload = P.pack(msg)
-        for p in list(self._peers.values()):
-            if p.accepted:
-                self._send(p, msg, now, payload)
 
     def _path(self, peer_id: str) -> str:
         """How bytes move to and from this peer (tcp, ipc, nccl), for the metrics."""
@@ -1246,6 +1363,44 @@ class Node:
             self._send(peer, self._hello(), now)
 
     # --- sending ----------------------------------------------------------------------------------
+
+    def _outbox(self, peer_id: str) -> _Outbox:
+        box = self._out.get(peer_id)
+        if box is None:
+            box = self._out[peer_id] = _Outbox()
+        return box
+
+    def _notify(self, peer_id: str, msg: P.Message, now: float) -> None:
+        """A transport's control message: a completion joins the peer's next Batch, others leave now."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        if isinstance(msg, P.Sent) and msg.ok:
+            self._outbox(peer_id).sent.append(msg.piece)
+        else:
+            self._send(peer, msg, now)
+
+    def _flush(self, now: float) -> None:
+        """Send this turn's piece events: one Batch per peer (more only past `MAX_BATCH` a list)."""
+        have, handed, out = self._out_have, self._out_handed, self._out
+        if not (have or handed or out):
+            return
+        self._out_have, self._out_handed, self._out = [], [], {}
+        shared: list[tuple[P.Batch, bytes]] | None = None  # for peers that get only the broadcast part
+        for peer in list(self._peers.values()):
+            box = out.get(peer.id)
+            news = peer.accepted and bool(have or handed)
+            if box is None:
+                if news:
+                    if shared is None:
+                        shared = [(b, P.pack(b)) for b in _batches(have, handed)]
+                    for b, payload in shared:
+                        self._send(peer, b, now, payload)
+            else:
+                h, ho = (have, handed) if news else ([], [])
+                lists = (box.cancel, box.request, box.sent, box.busy, box.refused)
+                for b in _batches(h, ho, *map(list, lists)):
+                    self._send(peer, b, now)
 
     def _send(self, peer: _Peer, msg: P.Message, now: float, payload: bytes | None = None) -> None:
         """Send on the peer's first live link, sealed by that link's session (`payload`: `msg` packed
@@ -1548,6 +1703,17 @@ class Node:
             except OSError:
                 pass
         self._fail_fetch(FetchError("the node was closed"))
+
+
+def _batches(have: list[int], handed: list[int], *others: list[int]) -> list[P.Batch]:
+    """One Batch of these lists (have, handed, then the per-peer ones in `Batch`'s order; missing ones
+    empty), or several when a list is longer than the protocol's bound."""
+    lists = (have, handed, *others, *([] for _ in range(len(P.Batch.SCHEMA) - 2 - len(others))))
+    n = max(map(len, lists))
+    step = P.MAX_BATCH
+    if n <= step:
+        return [P.Batch(*lists)]
+    return [P.Batch(*(x[i : i + step] for x in lists)) for i in range(0, n, step)]
 
 
 def _registered(poller: zmq.Poller) -> list[Any]:

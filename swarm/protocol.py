@@ -47,6 +47,8 @@ MAX_FRAME = 16 * 1024 * 1024
 MAX_STR = 4096
 MAX_LIST = 1 << 20
 MAX_MAP = 256
+#: Pieces one list of a `Batch` may name (distinct indices; a sender splits a longer turn's worth).
+MAX_BATCH = 4096
 MAC_SIZE = 32
 NONCE_SIZE = 16
 _MAX_HANDSHAKE = 1024  # handshake frames are < 200 bytes; pre-session errors up to ~600
@@ -113,6 +115,26 @@ def PieceIndex() -> Check:
     def check(v: Any, pieces: int | None) -> int:
         if type(v) is not int or v < 0 or v >= (pieces if pieces is not None else MAX_LIST):
             raise _fail(f"piece index (of {pieces} pieces)", v)
+        return v
+
+    return check
+
+
+def Pieces(max_len: int = MAX_BATCH) -> Check:
+    """Distinct piece indices (below the piece count when the caller knows it), at most `max_len`.
+
+    Distinct, so that a list costs its receiver at most one step per piece of the manifest: a hostile
+    peer cannot make one frame name the same piece a million times."""
+
+    def check(v: Any, pieces: int | None) -> list[int]:
+        if type(v) is not list or len(v) > max_len:
+            raise _fail(f"list of <= {max_len} piece indices", v)
+        hi = pieces if pieces is not None else MAX_LIST
+        for x in v:
+            if type(x) is not int or not 0 <= x < hi:
+                raise _fail(f"piece index (of {pieces} pieces)", x)
+        if len(set(v)) != len(v):
+            raise _fail("list of distinct piece indices", v)
         return v
 
     return check
@@ -285,6 +307,44 @@ class Cancel(Message):
 
 
 @dataclass(frozen=True)
+class Batch(Message):
+    """Every piece event of one loop turn for one peer, in one frame (the control plane's hot path).
+
+    The node sends at most one per peer per loop turn instead of one message per piece and event:
+    `have` is the delta of its bitfield since the last one (pieces it verified this turn), `handed` the
+    pieces it started to hand out as a full seed (scheduler rule 12), `cancel` and `request` its
+    download decisions for that peer, `sent` the pieces it finished sending to that peer over the
+    data plane (completion signals, for transports that need one), and its answers to that peer's
+    requests that will not be served: `busy` (ask again later or elsewhere) and `refused` (not held).
+    The receiver applies them in that order (a cancel and a later request of the same piece in one
+    turn mean: withdraw, then ask again). Each list holds distinct indices, at most `MAX_BATCH`; a
+    longer turn is split over several frames. So a frame of requests is answered by at most one frame
+    of refusals, not one message a piece.
+    """
+
+    TYPE: ClassVar[str] = "batch"
+    SCHEMA: ClassVar[Mapping[str, Check]] = {
+        "have": Pieces(),
+        "handed": Pieces(),
+        "cancel": Pieces(),
+        "request": Pieces(),
+        "sent": Pieces(),
+        "busy": Pieces(),
+        "refused": Pieces(),
+    }
+    have: list[int]
+    handed: list[int]
+    cancel: list[int]
+    request: list[int]
+    sent: list[int]
+    busy: list[int]
+    refused: list[int]
+
+    def __len__(self) -> int:
+        return sum(len(getattr(self, name)) for name in self.SCHEMA)
+
+
+@dataclass(frozen=True)
 class Reject(Message):
     """A request that will not be served: `busy` (ask again later or elsewhere) or not held."""
 
@@ -364,6 +424,7 @@ MESSAGES: dict[str, type[Message]] = {
         HandedOut,
         Request,
         Cancel,
+        Batch,
         Reject,
         Sent,
         Channel,

@@ -103,6 +103,10 @@ machine words in C rather than O(k) Python steps; k is a few thousand at most in
 - ``_wanted``, ``_inflight``, ``_held``: masks of the three piece states;
 - per peer: the mask of pieces it holds, of pieces it failed (``bad``), of pieces requested from it;
 - availability: a *bit-sliced counter* ``_avail`` (slice j holds bit j of every piece's holder count).
+  Only the counts of the pieces in ``_counted`` are kept: a leecher never asks for a piece it holds and
+  serves in arrival order (rule 10), so it skips the counts of its held pieces (about half the haves it
+  hears of) until it is complete, when it counts everything once and from then on (rule 10 of a seed
+  reads them); `availability` answers for any piece either way.
   Adding or removing a whole peer is a ripple-carry over log2(peers) slices, and "the pieces with the
   fewest holders among mask m" is found by walking the slices from the top (keep the pieces whose bit
   is 0 wherever any exist). So rarest-first selection is O(log peers) big-int operations, with no sort
@@ -115,7 +119,8 @@ Additions to the API the node was written against (all optional to use): `PeerSt
 connection's timer), `wants_tick` (a `tick` now could return decisions), `has`, `held_count`,
 `have_mask` and `peer_bitfield_mask` (bitfields as the bits of an int), `in_endgame`, `availability`,
 `peers`, `num_pieces`, `FAILURE_RULES`, `ADMISSION`, `PIECE_TRANSITIONS`, `HandedOut` with
-`peer_handed_out` (rule 12), `peer_have`'s result (true when a `tick` may now ask that peer for
+`peer_handed_out` (rule 12), `peer_have_mask` (a batch of haves: the node receives them as one
+bitfield delta per peer and loop turn), `peer_have`'s result (true when a `tick` may now ask that peer for
 something), and the config fields
 ``seed_max_uploads``, ``max_requests``, ``pipeline_window_s``, ``timeout_factor``,
 ``refuse_backoff_s``, ``endgame_duplicates``, ``seed_max_overtakes`` and ``rate_window``.
@@ -496,6 +501,7 @@ class Scheduler:
         self._inflight = 0
         self._requesters: dict[int, dict[PeerId, None]] = {}  # in-flight piece -> peers asked, in order
         self._avail: list[int] = []  # bit-sliced holder counts (live, non-excluded peers; minus bad)
+        self._counted = self._full if held == self._full else self._wanted  # whose counts are kept
         self._peers: dict[PeerId, _Peer] = {}
         self._want: dict[PeerId, None] = {}  # insertion-ordered: deterministic
         self._outstanding = 0  # requests outstanding, all peers together
@@ -580,7 +586,10 @@ class Scheduler:
     def availability(self, piece: int) -> int:
         """How many live, non-excluded peers (that did not fail it) hold `piece`."""
         self._check_piece(piece)
-        return _counter_get(self._avail, piece)
+        if (self._counted >> piece) & 1:
+            return _counter_get(self._avail, piece)
+        bit = 1 << piece
+        return sum(1 for q in self._peers.values() if q.mask & bit and not q.bad & bit and not q.excluded)
 
     @property
     def in_endgame(self) -> bool:
@@ -607,8 +616,9 @@ class Scheduler:
         bq = self._backoffs
         while bq and bq[0][1] not in self._peers:
             heapq.heappop(bq)
-        times = [x[0][0] for x in (tq, bq) if x]
-        return min(times) if times else None
+        if not bq:
+            return tq[0][0] if tq else None
+        return bq[0][0] if not tq or bq[0][0] < tq[0][0] else tq[0][0]
 
     # --- peers ---------------------------------------------------------------------------------------
 
@@ -621,7 +631,7 @@ class Scheduler:
         out: list[Decision] = []
         if q is not None:
             if not q.excluded:
-                _counter_sub(self._avail, q.mask & ~q.bad)
+                _counter_sub(self._avail, q.mask & ~q.bad & self._counted)
             for piece in list(q.requests):
                 self._end_request(q, piece)
                 out.append(Cancel(peer, piece))
@@ -648,8 +658,9 @@ class Scheduler:
             raise SchedulerError(f"bitfield names pieces outside 0..{self._k - 1}")
         q = self._peer(peer)
         if not q.excluded:
-            _counter_sub(self._avail, q.mask & ~q.bad & ~mask)
-            _counter_add(self._avail, mask & ~q.mask & ~q.bad)
+            counted = self._counted
+            _counter_sub(self._avail, q.mask & ~q.bad & ~mask & counted)
+            _counter_add(self._avail, mask & ~q.mask & ~q.bad & counted)
         q.mask = mask
         self._maybe_want(q, mask)
 
@@ -672,7 +683,7 @@ class Scheduler:
         if mask & bit:
             return False
         q.mask = mask | bit
-        if q.excluded or q.bad & bit:
+        if q.excluded or q.bad & bit or not self._counted & bit:
             return False
         slices = self._avail  # _counter_add(self._avail, bit), inlined
         for j, sl in enumerate(slices):
@@ -684,6 +695,26 @@ class Scheduler:
         else:
             slices.append(bit)
         if (self._wanted & bit or (self._endgame and self._inflight & bit)) and len(q.requests) < q.depth:
+            self._want[peer] = None
+            return True
+        return False
+
+    def peer_have_mask(self, peer: PeerId, mask: int, now: float) -> bool:
+        """Batched `peer_have`: `peer` now also holds the pieces of `mask` (bit p set: piece p), a delta
+        of its bitfield; O(k/64). The same state as one `peer_have` per piece, in one step; the result
+        likewise says whether a `tick` may now ask that peer for something."""
+        if mask < 0 or mask >> self._k:
+            raise SchedulerError(f"have names pieces outside 0..{self._k - 1}")
+        q = self._peer(peer)
+        new = mask & ~q.mask
+        if not new:
+            return False
+        q.mask |= new
+        if q.excluded:
+            return False
+        new &= ~q.bad
+        _counter_add(self._avail, new & self._counted)
+        if new & (self._wanted | (self._inflight if self._endgame else 0)) and len(q.requests) < q.depth:
             self._want[peer] = None
             return True
         return False
@@ -738,7 +769,19 @@ class Scheduler:
         self._held |= bit
         self._held_n += 1
         self._have_cache = None
+        if self._held == self._full:
+            self._count_everything()
+        else:
+            self._counted &= ~bit
         return out
+
+    def _count_everything(self) -> None:
+        """Complete: from now on keep the counts of every piece (rule 10 of a seed reads them)."""
+        self._counted = self._full
+        self._avail = []
+        for q in self._peers.values():
+            if not q.excluded:
+                _counter_add(self._avail, q.mask & ~q.bad)
 
     def piece_failed(self, peer: PeerId, piece: int, now: float, reason: str) -> None:
         """A request ended without a good piece. `reason` is a key of `FAILURE_RULES`."""
@@ -959,7 +1002,7 @@ class Scheduler:
     def _apply_failure(self, q: _Peer, piece: int, now: float, rule: FailureRule) -> None:
         bit = 1 << piece
         if rule.avoid_piece and not q.bad & bit:
-            if q.mask & bit and not q.excluded:
+            if q.mask & bit and not q.excluded and self._counted & bit:
                 _counter_sub(self._avail, bit)
             q.bad |= bit
         if rule.backoff:
@@ -971,7 +1014,7 @@ class Scheduler:
                 self._exclude(q)
 
     def _exclude(self, q: _Peer) -> None:
-        _counter_sub(self._avail, q.mask & ~q.bad)
+        _counter_sub(self._avail, q.mask & ~q.bad & self._counted)
         q.excluded = True
         self._want.pop(q.id, None)
         for piece in list(q.requests):

@@ -13,7 +13,10 @@ transport moves the bytes and reports back through `Events`, from its own thread
 - Seed side: `send(peer, p)` queues piece p for the peer; completion is reported as `sent(peer, p, ok)`.
   `cancel(peer, p)` drops it if it has not started.
 - `on_message(peer, msg)`: control messages addressed to the transport (`Channel`, `Sent`), for
-  transports that need a side channel (an NCCL unique id, a "sending now" signal).
+  transports that need a side channel (an NCCL unique id, a "sending now" signal). A successful
+  `Sent` that a transport hands to `Events.notify` travels in the peer's next `Batch` (one frame per
+  loop turn) and reaches the other side's `on_message` as `Sent(piece, True)`; other messages leave
+  at once.
 - Paths: `offer()` is what this member can use (advertised in its Hello, swarm.transport.paths);
   `choose(peer, offer)` picks the path of a pair from the peer's offer (None: nothing in common);
   `path(peer)` is that choice; `one_sided(peer)` says that pieces from `peer` are read by this side

@@ -120,6 +120,9 @@ def insider_messages(t: Target) -> st.SearchStrategy[list[P.Message | tuple[str,
         "cancel": st.fixed_dictionaries({"piece": piece}),
         "reject": st.fixed_dictionaries({"piece": piece, "busy": st.booleans() | plain, "reason": plain}),
         "sent": st.fixed_dictionaries({"piece": piece, "ok": st.booleans() | plain}),
+        "batch": st.fixed_dictionaries(
+            {name: st.lists(piece, max_size=8) | plain for name in P.Batch.SCHEMA}
+        ),
         "bitfield": st.one_of(
             st.builds(
                 lambda bits: {"count": t.pieces, "bits": bits},

@@ -261,20 +261,21 @@ def test_manifest_replies_do_not_freeze_a_seed() -> None:
 
 @pytest.mark.timeout(60)
 def test_fetch_returns_by_its_deadline_whatever_the_loop_does() -> None:
-    """The control loop is stuck (a tick that sleeps 8 s, standing in for any long piece of work):
-    fetch() still returns by its deadline, in the caller's thread."""
+    """The control loop is stuck (housekeeping that sleeps 8 s, standing in for any long piece of work;
+    not a scheduler tick, which the loop runs only when the scheduler has work): fetch() still returns
+    by its deadline, in the caller's thread."""
     deadline = 2.0
     with closing(leecher_node(token=TOKEN, deadline_s=deadline, discovery_timeout_s=30.0)) as (leecher,):
         stuck = threading.Event()
-        tick = leecher.scheduler.tick
+        housekeeping = leecher._housekeeping
 
-        def stuck_tick(now: float) -> list[object]:
+        def stuck_housekeeping(now: float) -> None:
             if not stuck.is_set():
                 stuck.set()
                 time.sleep(8)
-            return tick(now)
+            housekeeping(now)
 
-        leecher.scheduler.tick = stuck_tick  # type: ignore[method-assign]
+        leecher._housekeeping = stuck_housekeeping  # type: ignore[method-assign]
         run = FetchRun(leecher).start()
         run.wait(deadline + 1.5)
         assert stuck.is_set()

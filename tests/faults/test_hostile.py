@@ -7,6 +7,7 @@ printed (pytest -s) and reported by bench/faults.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -294,3 +295,26 @@ def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
         wait_until(lambda: len(swarm_threads()) <= before[0], 5, "their threads to end")
         assert resources().fds <= before[1] + 2
         assert alive(seed)
+
+
+def test_a_batch_of_requests_is_refused_in_one_frame() -> None:
+    """An accepted peer that asks for every piece at once gets the refusals of that frame in one Batch
+    frame, not one message a piece (no amplification: one frame in, one frame out)."""
+    with closing(seed_node()) as (seed,):
+        member = Member(seed.control_port, None)
+        try:
+            hello = seed._hello()
+            data = {**hello.data, "ctl": 1, "port": 1, "addrs": [HOST]}  # its path offer, no data port
+            member.send(dataclasses.replace(hello, peer_id=member.id, role="leecher", data=data))
+            first = member.received(2.0)
+            assert {P.Hello, P.Bitfield} <= {type(m) for m in first}, first  # accepted
+            k = len(seed.manifest.pieces)
+            member.send(P.Batch([], [], [], list(range(k)), [], [], []))
+            replies = member.received(1.5)
+        finally:
+            member.close()
+        batches = [m for m in replies if isinstance(m, P.Batch)]
+        assert not [m for m in replies if isinstance(m, P.Reject)]
+        assert len(batches) == 1, replies
+        # it has no data channel: every request is answered busy
+        assert sorted(batches[0].busy) == list(range(k))

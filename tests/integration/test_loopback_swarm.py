@@ -141,3 +141,30 @@ def test_a_seed_tells_its_leecher_every_piece_it_hands_out() -> None:
         k = leech.scheduler.num_pieces
         # the last hint may trail its piece by a message; one hint per piece
         wait_until(lambda: leech.scheduler.peer_stats(seed.id).handed_out == k, 10.0, "every handed-out hint")
+
+
+def test_piece_events_travel_in_batches() -> None:
+    """Requests and haves leave as one Batch per peer and loop turn: the seed sees every piece requested
+    (some twice: a request that beats the data channel is refused and asked again) and announced
+    exactly once, and the requests of one turn (a pipeline of two or more) in one frame."""
+    from swarm import protocol as P
+    from tests.faults.harness import closing, leecher_node, peers_of, seed_node, wrong_bytes
+
+    with closing(seed_node()) as (seed,):
+        seen: list[P.Batch] = []
+        on_batch = seed._on_batch
+
+        def recording(peer: object, msg: P.Batch, now: float) -> None:
+            seen.append(msg)
+            on_batch(peer, msg, now)  # type: ignore[arg-type]
+
+        seed._on_batch = recording  # type: ignore[method-assign]
+        with closing(leecher_node(peers=peers_of(seed))) as (leech,):
+            leech.fetch()
+            assert wrong_bytes(dict(leech.tensors)) == 0
+            k = leech.scheduler.num_pieces
+            wait_until(lambda: sum(len(b.have) for b in seen) == k, 10.0, "a have of every piece")
+            requested = [p for b in seen for p in b.request]
+            assert set(requested) == set(range(k))
+            assert max(len(b.request) for b in seen) >= 2
+            assert sorted(p for b in seen for p in b.have) == list(range(k))

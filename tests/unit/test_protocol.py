@@ -12,9 +12,11 @@ from swarm.identity import Identity, peer_id_of
 from swarm.manifest import Manifest, SwarmKey, TensorSpec
 from swarm.protocol import (
     MAGIC,
+    MAX_BATCH,
     MAX_FRAME,
     MESSAGES,
     VERSION,
+    Batch,
     Bitfield,
     Cancel,
     Channel,
@@ -57,6 +59,7 @@ EXAMPLES = [
     HandedOut(3),
     Request(3),
     Cancel(0),
+    Batch([0, 3], [1], [2], [3, 1], [0], [2], [1]),
     Reject(1, True, "busy"),
     Sent(1, True),
     Channel("nccl", {"uid": b"\x00" * 128, "rank": 0}),
@@ -305,3 +308,68 @@ def test_generated_messages_round_trip(
         StatusReply(status),
     ):
         assert _through(dialer, listener, msg, pieces=100) == msg
+
+
+# --- Batch: many piece events in one frame ------------------------------------------------------------
+
+
+def test_batch_keeps_the_order_of_each_list() -> None:
+    dialer, listener = connected_pair("tok")
+    msg = Batch(have=[5, 1, 3], handed=[], cancel=[0], request=[9, 2, 7], sent=[4], busy=[8], refused=[])
+    assert _through(dialer, listener, msg, pieces=10) == msg
+    assert len(msg) == 9
+
+
+def _batch(**lists: object) -> bytes:
+    fields = {name: [] for name in Batch.SCHEMA} | lists
+    return _frame(_payload("batch", fields))
+
+
+@pytest.mark.parametrize(
+    "lists",
+    [
+        {"request": [4]},  # past the manifest (4 pieces)
+        {"have": [-1]},
+        {"cancel": [True]},
+        {"sent": [1.0]},
+        {"handed": ["1"]},
+        {"busy": [0, 0]},
+        {"refused": [9]},
+        {"request": [1, 2, 1]},  # the same piece twice: refused, so a frame costs <= one step a piece
+        {"have": 3},
+        {"request": None},
+        {"request": list(range(MAX_BATCH + 1))},
+        {"have": [0], "extra": []},
+    ],
+    ids=repr,
+)
+def test_hostile_batches_raise_protocol_error(lists: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        connected_pair()[1].receive(_batch(**lists), pieces=4)
+
+
+def test_batch_bounds_hold_without_a_manifest() -> None:
+    with pytest.raises(ProtocolError, match="list of <= 4096"):
+        connected_pair()[1].receive(_batch(have=list(range(MAX_BATCH + 1))), pieces=None)
+
+
+def test_batch_missing_a_list_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="fields"):
+        connected_pair()[1].receive(_frame(_payload("batch", {"have": [1]})), pieces=4)
+
+
+def test_a_full_batch_fits_a_frame() -> None:
+    top = list(range((1 << 20) - 1, (1 << 20) - 1 - MAX_BATCH, -1))  # the largest indices allowed
+    msg = Batch(top, top, top, top, top, top, top)
+    dialer, listener = connected_pair("tok")
+    assert _through(dialer, listener, msg) == msg
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lists=st.lists(st.lists(st.integers(0, 99), unique=True, max_size=40), min_size=7, max_size=7),
+)
+def test_generated_batches_round_trip(lists: list[list[int]]) -> None:
+    dialer, listener = connected_pair("tok")
+    msg = Batch(*lists)
+    assert _through(dialer, listener, msg, pieces=100) == msg

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,22 @@ def test_swarm_does_not_import_sim() -> None:
         "import sys, swarm.scheduler; assert not any(m == 'sim' or m.startswith('sim.') for m in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.slow
+def test_the_compiled_simulator_predicts_the_same(tmp_path: Path) -> None:
+    """`--compiled` (mypyc) runs the same source faster; its records must equal the interpreted ones,
+    and it must really run the compiled modules (a build into a fresh cache: about a minute of CPU)."""
+    pytest.importorskip("mypy")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    args = [sys.executable, "-m", "sim", "--nodes", "6", "--pieces", "80", "--strategy", "swarm", "--json"]
+
+    def records(*extra: str) -> list[dict[str, object]]:
+        out = subprocess.run(
+            [*args, *extra], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=900
+        )
+        return [{k: v for k, v in r.items() if k != "sim_cpu_s"} for r in json.loads(out.stdout)]
+
+    assert records("--compiled") == records()
+    built = list((tmp_path / "vllm-swarm" / "sim-mypyc").glob("*/sim/engine*.so"))
+    assert built and list(built[0].parent.parent.glob("swarm/scheduler*.so"))

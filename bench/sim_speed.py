@@ -1,0 +1,93 @@
+"""Speed of the simulator, this checkout against another one, side by side in one run.
+
+    python bench/sim_speed.py --baseline /path/to/old-checkout --nodes 100 --repeat 2
+    python bench/sim_speed.py --baseline /path/to/old-checkout --nodes 1000 --compiled
+
+Runs `python -m sim --strategy swarm --json` for each checkout in turn (alternating, `--repeat` times,
+so that both see the same machine load), each in a fresh process with that checkout first on the path,
+and prints the CPU seconds of each simulation (the record's `sim_cpu_s`), the ratio baseline / this,
+and whether the two produced the same results (every field but `sim_cpu_s`): a speed-up of the
+simulator must not change what it predicts. `--compiled` adds this checkout's run with
+`python -m sim --compiled` (sim/compiled.py; its one-time build is not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(src: str, sim_args: list[str], timeout: float) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
+    out = subprocess.run(
+        [sys.executable, "-m", "sim", "--strategy", "swarm", "--json", *sim_args],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _strip(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k not in ("sim_cpu_s", "code", "round")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--baseline", required=True, metavar="DIR", help="the other checkout (e.g. a worktree of main)"
+    )
+    ap.add_argument("--nodes", default="100")
+    ap.add_argument("--calibration", default="h200")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--json", default="", help="write the records here")
+    ap.add_argument("--compiled", action="store_true", help="also run this checkout compiled (mypyc)")
+    args = ap.parse_args(argv)
+    sim_args = ["--nodes", args.nodes, "--calibration", args.calibration]
+    variants = [("baseline", args.baseline, []), ("this", ROOT, [])]
+    if args.compiled:
+        sys.path.insert(0, ROOT)
+        from sim import compiled
+
+        compiled.build()  # once, before anything is timed
+        variants.append(("compiled", ROOT, ["--compiled"]))
+    rows: list[dict[str, Any]] = []
+    for i in range(args.repeat):
+        for label, src, extra in variants:
+            for rec in run(src, [*sim_args, *extra], args.timeout):
+                rows.append({"code": label, "round": i, **rec})
+                print(
+                    f"{label:<9} N={rec['nodes']:<6} cpu {rec['sim_cpu_s']:8.1f} s  ratio {rec['ratio']}",
+                    flush=True,
+                )
+    same = True
+    for n in sorted({r["nodes"] for r in rows}):
+        base = [r for r in rows if r["nodes"] == n and r["code"] == "baseline"]
+        b = min(r["sim_cpu_s"] for r in base)
+        for label, _, _ in variants[1:]:
+            this = [r for r in rows if r["nodes"] == n and r["code"] == label]
+            same_n = all(_strip(x) == _strip(y) for x in base for y in this)
+            same &= same_n
+            t = min(r["sim_cpu_s"] for r in this)
+            print(
+                f"N={n}: baseline {b:.1f} s, {label} {t:.1f} s (best of {args.repeat}): "
+                f"{b / t:.2f} x faster; results {'identical' if same_n else 'DIFFERENT'}"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
