@@ -132,6 +132,32 @@ def test_a_member_of_another_swarm_is_named_in_the_error() -> None:
                 leech.fetch()
 
 
+def test_a_seed_with_another_piece_size_is_named_in_the_error() -> None:
+    """Same key, another manifest (a misconfigured piece size): the leecher reads the seed's manifest to
+    name the difference, although its checksum list has another length than ours (that reply was once
+    dropped as malformed, and the leecher only said it found no seed)."""
+    import torch
+
+    from swarm.errors import ManifestMismatchError
+    from swarm.manifest import SwarmKey
+    from swarm.node import Node, NodeConfig
+
+    key = SwarmKey("model-a", "uint8")
+    t = {"w": torch.arange(200, dtype=torch.uint8).repeat(50)}
+    cfg = NodeConfig(host="127.0.0.1", mdns=False, piece_size=1024, discovery_timeout_s=3.0)
+    with Node(key, t, cfg, complete=True) as seed:
+        leech_cfg = NodeConfig(
+            host="127.0.0.1",
+            mdns=False,
+            piece_size=2048,
+            discovery_timeout_s=3.0,
+            peers=f"127.0.0.1:{seed.control_port}",
+        )
+        with Node(key, {"w": torch.zeros(10_000, dtype=torch.uint8)}, leech_cfg, complete=False) as leech:
+            with pytest.raises(ManifestMismatchError, match="piece size 2048 here, 1024 there"):
+                leech.fetch()
+
+
 def test_a_seed_tells_its_leecher_every_piece_it_hands_out() -> None:
     from tests.faults.harness import closing, leecher_node, peers_of, seed_node, wrong_bytes
 
