@@ -1,7 +1,7 @@
 """Fault figures of vllm-swarm: one table of scenario, runs, survived, bytes verified, wrong bytes loaded
 (must be 0) and worst time to recover. `--json` prints the same records as a JSON list.
 
-    PYTHONPATH=. python bench/faults.py [--runs N] [--fuzz N] [--soak N] [--json] [--no-lan]
+    PYTHONPATH=. python bench/faults.py [--runs N] [--fuzz N] [--soak N] [--json] [--no-lan] [--only TEXT]
 
 Every scenario runs on loopback (127.0.0.1) with a synthetic 8 MB model in 256 KiB pieces; the link
 scenarios run on a namespaced LAN (tests/lan/netns.py) when this host can build one, and are listed as
@@ -385,6 +385,26 @@ def lossy(rec: Record, runs: int) -> None:
     )
 
 
+def attack_test(rec: Record, name: str, **kwargs: Any) -> None:
+    """One attack of tests/faults/test_attacks.py (replay, manifest replies and the deadline, open-swarm
+    poisoning), run as it runs in the suite: survived when every check of the test held, among them the
+    honest fetch ending byte-identical (or, in an open swarm without a majority, failing loudly rather
+    than loading other bytes) and the victim answering afterwards. The test does its own byte checks, so
+    this row counts no bytes."""
+    from tests.faults import test_attacks as A
+
+    fn = getattr(A, name)
+    rec.runs += 1
+    try:
+        fn(**kwargs)
+    except AssertionError as e:
+        rec.note = f"FAILED: {e}"[:300]
+        return
+    rec.survived += 1
+    doc = (fn.__doc__ or "").strip().splitlines()
+    rec.note = f"tests/faults/test_attacks.py::{name}{kwargs or ''}: {doc[0] if doc else ''}"[:300]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--runs", type=int, default=3, help="runs per kill/stop/corrupt scenario")
@@ -393,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON records instead of the table")
     ap.add_argument("--save", metavar="PATH", help="also write the JSON records to PATH")
     ap.add_argument("--no-lan", action="store_true", help="skip the namespaced-LAN link scenarios")
+    ap.add_argument("--only", metavar="TEXT", help="run only the scenarios whose name contains TEXT")
     args = ap.parse_args(argv)
     from tests.faults.test_soak import WARMUP
 
@@ -436,8 +457,60 @@ def main(argv: list[str] | None = None) -> int:
     for name, attack in attacks:
         add(name, lambda r, a=attack: exhaustion(r, a))  # type: ignore[misc]
     add("loss 2% + delay 20 ms", lambda r: lossy(r, args.runs))
+    from tests.faults.test_attacks import TOKEN
+
+    for title, test, kw in [
+        ("replayed status query", "test_recorded_status_query_is_worthless_replayed", {}),
+        (
+            "replayed Hello + Goodbye vs a fetching member",
+            "test_recorded_hello_and_goodbye_cannot_knock_a_member_off",
+            {},
+        ),
+        ("departed member's frames replayed", "test_departed_members_frames_replayed_get_nothing", {}),
+        (
+            "data channel taken under a member's id",
+            "test_outsider_cannot_take_over_a_members_data_channel",
+            {},
+        ),
+        (
+            "recorded data credentials (token)",
+            "test_recorded_data_credentials_are_worth_nothing",
+            {"token": TOKEN},
+        ),
+        (
+            "recorded data credentials (open)",
+            "test_recorded_data_credentials_are_worth_nothing",
+            {"token": None},
+        ),
+        (
+            "manifest replies vs a leecher's deadline",
+            "test_manifest_replies_cannot_hold_a_fetch_past_its_deadline",
+            {},
+        ),
+        ("manifest replies vs a seed", "test_manifest_replies_do_not_freeze_a_seed", {}),
+        (
+            "stuck control loop vs the deadline",
+            "test_fetch_returns_by_its_deadline_whatever_the_loop_does",
+            {},
+        ),
+        (
+            "open swarm: other bytes answer first",
+            "test_open_swarm_member_with_other_bytes_cannot_poison_a_leecher_silently",
+            {},
+        ),
+        (
+            "open swarm: unsolicited checksums",
+            "test_open_swarm_unsolicited_checksums_do_not_get_the_honest_seed_blamed",
+            {},
+        ),
+        ("open swarm: 2 honest seeds, 1 of zeros", "test_open_swarm_majority_wins_and_is_never_blamed", {}),
+    ]:
+        add(f"attack: {title}", lambda r, t=test, k=kw: attack_test(r, t, **k))  # type: ignore[misc]
     if not args.no_lan:
         steps.append(("lan", lambda: lan(records, max(1, args.runs // 2))))
+    if args.only:
+        steps = [(n, st) for n, st in steps if args.only in n]
+        records = [r for r in records if any(r.scenario == n for n, _ in steps)]
     for name, step in steps:
         t0 = time.monotonic()
         try:
