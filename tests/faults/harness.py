@@ -26,7 +26,7 @@ import torch
 from swarm.node import FetchReport, Node, NodeConfig
 from swarm.synthetic import synthetic_key, synthetic_tensors
 from swarm.transport.base import Events
-from swarm.transport.tcp import TcpTransport
+from swarm.transport.tcp import NONCE_SIZE, TcpTransport
 from tests.loopback import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -449,3 +449,34 @@ if __name__ == "__main__":
 def expected_total(size: int = SIZE) -> int:
     """Bytes of the synthetic model of `size` (the manifest's total)."""
     return sum(t.numel() * t.element_size() for t in expected(size).values())
+
+
+def data_port(node: Node) -> int:
+    return int(node.data_params["port"])
+
+
+def try_data_port(node: Node, credentials: bytes | None, wait_s: float = 1.5) -> int:
+    """Connect to the data port, send `credentials` after the nonce; how many bytes come after it."""
+    with socket.create_connection((HOST, data_port(node)), timeout=3) as s:
+        nonce = b""
+        while len(nonce) < NONCE_SIZE:
+            chunk = s.recv(NONCE_SIZE - len(nonce))
+            if not chunk:
+                return 0
+            nonce += chunk
+        if credentials is not None:
+            s.sendall(credentials)
+        got = 0
+        s.settimeout(0.2)
+        end = time.monotonic() + wait_s
+        while time.monotonic() < end:
+            try:
+                chunk = s.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += len(chunk)
+        return got

@@ -25,7 +25,7 @@ from swarm.errors import ManifestMismatchError, StallError
 from swarm.manifest import content_digest
 from swarm.node import Node
 from swarm.synthetic import synthetic_key, synthetic_tensors
-from swarm.transport.tcp import NONCE_SIZE, TcpTransport
+from swarm.transport.tcp import TcpTransport
 from tests.faults.attack import Member, Sniffer, frame_type, read_nonce, replay
 from tests.faults.harness import (
     HOST,
@@ -41,6 +41,7 @@ from tests.faults.harness import (
     seed_node,
     status_of,
     tcp_of,
+    try_data_port,
     wrong_bytes,
 )
 from tests.loopback import free_port, wait_until
@@ -135,25 +136,8 @@ def test_outsider_cannot_take_over_a_members_data_channel() -> None:
         wait_until(lambda: progress(victim) > 0, 15, "the victim's first piece")
         status = status_of(seed.control_port)
         assert status is not None and victim.id in status["to"]
-        got = 0
-        with socket.create_connection((HOST, int(seed.data_params["port"])), timeout=3) as s:
-            nonce = b""
-            while len(nonce) < NONCE_SIZE:
-                nonce += s.recv(NONCE_SIZE - len(nonce))
-            pid = victim.id.encode()
-            s.sendall(bytes([len(pid)]) + pid)
-            s.settimeout(0.2)
-            end = time.monotonic() + 2.0
-            while time.monotonic() < end:
-                try:
-                    chunk = s.recv(1 << 16)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                got += len(chunk)
+        pid = victim.id.encode()
+        got = try_data_port(seed, bytes([len(pid)]) + pid, wait_s=2.0)  # the id alone, as an outsider can
         assert got == 0, f"the outsider received {got} bytes meant for {victim.id}"
         run.wait(40)
         assert run.error is None, run.error

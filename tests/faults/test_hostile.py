@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from swarm import protocol as P
 from swarm.errors import FetchError, ManifestMismatchError
 from swarm.node import Node
-from swarm.transport.tcp import NONCE_SIZE, TcpTransport
+from swarm.transport.tcp import TcpTransport
 from tests.faults import hostile
 from tests.faults.attack import Member, data_credentials, read_nonce, sealed_elsewhere
 from tests.faults.harness import (
@@ -29,12 +29,14 @@ from tests.faults.harness import (
     RawClient,
     alive,
     closing,
+    data_port,
     leecher_node,
     peers_of,
     resources,
     seed_node,
     swarm_threads,
     tcp_of,
+    try_data_port,
     wrong_bytes,
 )
 from tests.loopback import wait_until
@@ -191,37 +193,6 @@ def test_unknown_version_and_missing_hmac_are_refused(seed: Node) -> None:
         member.close()
 
 
-def _data_port(node: Node) -> int:
-    return int(node.data_params["port"])
-
-
-def _try_data_port(node: Node, credentials: bytes | None, wait_s: float = 1.5) -> int:
-    """Connect to the data port, send `credentials` after the nonce; how many bytes come after it."""
-    with socket.create_connection((HOST, _data_port(node)), timeout=3) as s:
-        nonce = b""
-        while len(nonce) < NONCE_SIZE:
-            chunk = s.recv(NONCE_SIZE - len(nonce))
-            if not chunk:
-                return 0
-            nonce += chunk
-        if credentials is not None:
-            s.sendall(credentials)
-        got = 0
-        s.settimeout(0.2)
-        end = time.monotonic() + wait_s
-        while time.monotonic() < end:
-            try:
-                chunk = s.recv(1 << 16)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            got += len(chunk)
-        return got
-
-
 def test_data_port_serves_nothing_without_the_token(seed: Node) -> None:
     """Impersonate a real, accepted peer on the data port while it fetches: no MAC, a wrong MAC, garbage,
     or silence. None of them gets a byte; the real peer finishes with the right bytes."""
@@ -234,7 +205,7 @@ def test_data_port_serves_nothing_without_the_token(seed: Node) -> None:
             "garbage": os.urandom(200),
             "silence": None,
         }
-        got = {name: _try_data_port(seed, cred) for name, cred in attempts.items()}
+        got = {name: try_data_port(seed, cred) for name, cred in attempts.items()}
         run.wait(60)
         assert run.error is None, run.error
         assert wrong_bytes(dict(honest.tensors)) == 0
@@ -287,7 +258,7 @@ def test_data_connections_of_strangers_are_freed_when_they_hang_up() -> None:
         before = (len(swarm_threads()), resources().fds)
         t = tcp_of(seed)
         for _ in range(20):
-            with socket.create_connection((HOST, _data_port(seed)), timeout=3) as s:
+            with socket.create_connection((HOST, data_port(seed)), timeout=3) as s:
                 name, credentials = data_credentials(read_nonce(s), seed.id)
                 s.sendall(credentials)
                 wait_until(lambda n=name: n in t._senders, 5, "the stranger's channel")  # type: ignore[attr-defined]
