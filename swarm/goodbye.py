@@ -15,8 +15,8 @@ harness killing a group) does not kill it before it can say goodbye; it never ou
 than the goodbye (bounded by `timeout`), and the parent waits for it (bounded) when it closes normally.
 
 Limits: Linux only (pidfd); elsewhere `start` returns None and the advert expires with its TTL. Costs one
-Python process per advertised node (13 MB RSS while it waits, measured here). A SIGKILL of the watcher itself (and of its parent)
-leaves the old behaviour: the records expire with their TTL.
+Python process per advertised node (13 MB RSS while it waits, measured here). A SIGKILL of the watcher
+itself (and of its parent) leaves the old behaviour: the records expire with their TTL.
 
 Wire (parent -> watcher, one JSON object per line): first the advert `{"bind": [...], "info": {...},
 "timeout": s}`, then `{"info": {...}}` on each update, then `"close"`.
