@@ -74,36 +74,42 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return streams[index]
 
 
+def _stream_for(v: torch.Tensor, used: dict[int, torch.cuda.Stream]) -> torch.cuda.Stream:
+    """This thread's private stream for a GPU view (the thread relaxed first), noted in `used` so that
+    the caller waits once per stream, after every copy is enqueued."""
+    relax(v.device)
+    stream = side_stream(v.device)
+    used[id(stream)] = stream
+    return stream
+
+
 def copy_to_host(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Host copies of GPU views (CPU views returned as they are), made capture-safe."""
+    """Host copies of GPU views (CPU views returned as they are), made capture-safe; returns once every
+    copy is done."""
     out: list[torch.Tensor] = []
+    used: dict[int, torch.cuda.Stream] = {}
     for v in views:
         if v.device.type != "cuda":
             out.append(v)
             continue
-        relax(v.device)
-        stream = side_stream(v.device)
-        with torch.cuda.stream(stream):
-            host = v.to("cpu", non_blocking=True)
+        with torch.cuda.stream(_stream_for(v, used)):
+            out.append(v.to("cpu", non_blocking=True))
+    for stream in used.values():
         stream.synchronize()
-        out.append(host)
     return out
 
 
 def copy_from_host(views: Sequence[torch.Tensor], data: torch.Tensor) -> None:
     """Fill `views` (in order) from the host bytes `data`; returns once the bytes are in place."""
     offset = 0
-    waits: list[torch.cuda.Stream] = []
+    used: dict[int, torch.cuda.Stream] = {}
     for v in views:
         src = data[offset : offset + v.numel()]
         offset += v.numel()
         if v.device.type != "cuda":
             v.copy_(src)
             continue
-        relax(v.device)
-        stream = side_stream(v.device)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(_stream_for(v, used)):
             v.copy_(src, non_blocking=True)
-        waits.append(stream)
-    for stream in waits:
+    for stream in used.values():
         stream.synchronize()

@@ -51,10 +51,7 @@ from vllm_plugin.tensors import SwarmTensors, changed_tensors, replaced_bytes, s
 
 logger = init_logger("vllm.swarm")
 
-#: Kept here for callers of earlier releases; the registry lives in vllm_plugin.members.
-NODES = members.NODES
 LAST_LOAD = members.LAST_LOAD
-status = members.status
 
 
 class WeightsMissingError(RuntimeError):
