@@ -196,13 +196,7 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         if self.token_file is not None:
-            from_file = P.read_token_file(self.token_file)
-            if self.token and self.token != from_file:  # equal after dataclasses.replace of a config
-                raise ConfigError(
-                    "both a token and a token file are set",
-                    hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both",
-                )
-            object.__setattr__(self, "token", from_file)
+            object.__setattr__(self, "token", P.resolve_token(self.token, self.token_file))
         for name in _opt.NODE_OPTIONS:
             if name != "piece_size" or self.piece_size:
                 _opt.check(name, getattr(self, name))

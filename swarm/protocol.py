@@ -487,8 +487,14 @@ def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
     """The cluster token: SWARM_TOKEN, or the content of the file SWARM_TOKEN_FILE names (so the secret
     need not appear on a command line or in vLLM's printed arguments); both, different: ConfigError."""
     env = os.environ if env is None else env
-    token, from_file = env.get("SWARM_TOKEN") or None, read_token_file(env.get("SWARM_TOKEN_FILE") or None)
-    if token and from_file and token != from_file:  # as NodeConfig: two different secrets, pick neither
+    return resolve_token(env.get("SWARM_TOKEN") or None, env.get("SWARM_TOKEN_FILE") or None)
+
+
+def resolve_token(token: str | None, token_file: str | None) -> str | None:
+    """The token given, or the one in `token_file`; both, different: ConfigError (two secrets, pick
+    neither). Equal is fine: a config copied with dataclasses.replace carries both."""
+    from_file = read_token_file(token_file)
+    if token and from_file and token != from_file:
         raise ConfigError(
             "both a token and a token file are set", hint="set SWARM_TOKEN or SWARM_TOKEN_FILE, not both"
         )
