@@ -313,6 +313,20 @@ PIECE_TRANSITIONS: Final[Mapping[tuple[PieceState, str], PieceState]] = {
     (REQUESTED, "ended_last"): WANTED,
 }
 
+#: `PIECE_TRANSITIONS` for `_move`, the hot path: event -> (new state index or -1) by old state index.
+#: The table above is keyed by enum members, whose hash is a Python-level call (several per piece).
+_STATES: Final = (WANTED, REQUESTED, HELD)
+_WANTED: Final = 0
+_REQUESTED: Final = 1
+_HELD: Final = 2
+_NEXT: Final[Mapping[str, tuple[int, ...]]] = {
+    event: tuple(
+        _STATES.index(PIECE_TRANSITIONS[(old, event)]) if (old, event) in PIECE_TRANSITIONS else -1
+        for old in _STATES
+    )
+    for event in sorted({e for _, e in PIECE_TRANSITIONS})
+}
+
 
 @dataclass(frozen=True)
 class FailureRule:
@@ -683,7 +697,8 @@ class Scheduler:
         if mask & bit:
             return False
         q.mask = mask | bit
-        if q.excluded or q.bad & bit or not self._counted & bit:
+        # uncounted first: a leecher hears of pieces it holds about half the time, and stops here
+        if not self._counted & bit or q.excluded or q.bad & bit:
             return False
         slices = self._avail  # _counter_add(self._avail, bit), inlined
         for j, sl in enumerate(slices):
@@ -868,33 +883,27 @@ class Scheduler:
         if not 0 <= piece < self._k:
             raise SchedulerError(f"piece {piece} out of range (0..{self._k - 1})")
 
-    def _state(self, bit: int) -> PieceState:
-        if self._held & bit:
-            return HELD
-        if self._inflight & bit:
-            return REQUESTED
-        return WANTED
-
     def _move(self, piece: int, event: str) -> None:
+        """Apply `PIECE_TRANSITIONS` (through `_NEXT`, its form for the hot path)."""
         bit = 1 << piece
-        old = self._state(bit)
-        new = PIECE_TRANSITIONS.get((old, event))
-        if new is None:
-            raise SchedulerError(f"piece {piece}: no transition from {old.value} on {event!r}")
-        if new is old:
+        old = _HELD if self._held & bit else _REQUESTED if self._inflight & bit else _WANTED
+        new = _NEXT[event][old]
+        if new < 0:
+            raise SchedulerError(f"piece {piece}: no transition from {_STATES[old].value} on {event!r}")
+        if new == old:
             return
-        if old is WANTED:
+        if old == _WANTED:
             self._wanted &= ~bit
-        elif old is REQUESTED:
+        elif old == _REQUESTED:
             self._inflight &= ~bit
-        if new is WANTED:
+        if new == _WANTED:
             self._wanted |= bit
             self._endgame = False
             # every holder that can take a request may now be asked for it
             for q in self._peers.values():
                 if q.mask & bit and not q.excluded and not q.bad & bit:
                     self._want[q.id] = None
-        elif new is REQUESTED:
+        elif new == _REQUESTED:
             self._inflight |= bit
 
     def _peer(self, peer: PeerId) -> _Peer:
