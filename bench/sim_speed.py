@@ -7,8 +7,10 @@ Runs `python -m sim --strategy swarm --json` for each checkout in turn (alternat
 so that both see the same machine load), each in a fresh process with that checkout first on the path,
 and prints the CPU seconds of each simulation (the record's `sim_cpu_s`), the ratio baseline / this,
 and whether the two produced the same results (every field but `sim_cpu_s`): a speed-up of the
-simulator must not change what it predicts. `--compiled` adds this checkout's run with
-`python -m sim --compiled` (sim/compiled.py; its one-time build is not timed).
+simulator must not change what it predicts. `--compiled` adds both checkouts' runs with
+`python -m sim --compiled` (sim/compiled.py: mypyc builds the scheduler and the engine once, into a
+cache; the build is not timed), and compares compiled with compiled. `sim_cpu_s` is CPU time
+(`time.process_time` around the simulation), not wall time: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -54,16 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compiled", action="store_true", help="also run this checkout compiled (mypyc)")
     args = ap.parse_args(argv)
     sim_args = ["--nodes", args.nodes, "--calibration", args.calibration]
-    variants = [("baseline", args.baseline, []), ("this", ROOT, [])]
+    # (label, checkout, extra arguments, the label it is compared with)
+    variants = [("baseline", args.baseline, [], ""), ("this", ROOT, [], "baseline")]
     if args.compiled:
-        sys.path.insert(0, ROOT)
-        from sim import compiled
-
-        compiled.build()  # once, before anything is timed
-        variants.append(("compiled", ROOT, ["--compiled"]))
+        for src in (args.baseline, ROOT):  # build once each, before anything is timed
+            subprocess.run(
+                [sys.executable, "-c", "from sim import compiled; compiled.build()"],
+                cwd=src,
+                env={**os.environ, "PYTHONPATH": os.path.abspath(src)},
+                check=True,
+                timeout=args.timeout,
+            )
+        variants += [
+            ("base-comp", args.baseline, ["--compiled"], ""),
+            ("compiled", ROOT, ["--compiled"], "base-comp"),
+        ]
     rows: list[dict[str, Any]] = []
     for i in range(args.repeat):
-        for label, src, extra in variants:
+        for label, src, extra, _ in variants:
             for rec in run(src, [*sim_args, *extra], args.timeout):
                 rows.append({"code": label, "round": i, **rec})
                 print(
@@ -72,16 +82,20 @@ def main(argv: list[str] | None = None) -> int:
                 )
     same = True
     for n in sorted({r["nodes"] for r in rows}):
-        base = [r for r in rows if r["nodes"] == n and r["code"] == "baseline"]
-        b = min(r["sim_cpu_s"] for r in base)
-        for label, _, _ in variants[1:]:
+        first = [r for r in rows if r["nodes"] == n and r["code"] == "baseline"]
+        for label, _, _, against in variants[1:]:
             this = [r for r in rows if r["nodes"] == n and r["code"] == label]
-            same_n = all(_strip(x) == _strip(y) for x in base for y in this)
+            same_n = all(_strip(x) == _strip(y) for x in first for y in this)
             same &= same_n
             t = min(r["sim_cpu_s"] for r in this)
+            vs = ""
+            if against:
+                base = [r for r in rows if r["nodes"] == n and r["code"] == against]
+                b = min(r["sim_cpu_s"] for r in base)
+                vs = f"{against} {b:.1f} s, {label} {t:.1f} s: {b / t:.2f} x faster; "
             print(
-                f"N={n}: baseline {b:.1f} s, {label} {t:.1f} s (best of {args.repeat}): "
-                f"{b / t:.2f} x faster; results {'identical' if same_n else 'DIFFERENT'}"
+                f"N={n} (CPU s, best of {args.repeat}): {vs or f'{label} {t:.1f} s; '}"
+                f"results {'identical' if same_n else 'DIFFERENT'} to the baseline's"
             )
     if args.json:
         with open(args.json, "w") as f:
