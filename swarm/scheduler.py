@@ -100,8 +100,11 @@ which of the three ways in (`Serve`, queue, `Refuse`) it takes is the table `ADM
 Data structures (all pieces as bits of Python ints, so that set algebra over k pieces costs O(k/64)
 machine words in C rather than O(k) Python steps; k is a few thousand at most in practice):
 
-- ``_wanted``, ``_inflight``, ``_held``: masks of the three piece states;
-- per peer: the mask of pieces it holds, of pieces it failed (``bad``), of pieces requested from it;
+- ``_wanted``, ``_inflight``, ``_held``: masks of the three piece states (``_held`` also as a
+  bytearray of bits, ``_held_bits``, for one-piece tests that read a byte rather than build an int);
+- per peer: the pieces it holds (``bits``, a bytearray set in place by each have, the hottest call of a
+  large swarm; ``mask`` gives them as an int), the mask of pieces it failed (``bad``), of pieces
+  requested from it;
 - availability: a *bit-sliced counter* ``_avail`` (slice j holds bit j of every piece's holder count).
   Only the counts of the pieces in ``_counted`` are kept: a leecher never asks for a piece it holds and
   serves in arrival order (rule 10), so it skips the counts of its held pieces (about half the haves it
