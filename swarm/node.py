@@ -14,17 +14,15 @@ most MAX_PEERS peers (more get Error("busy")), MAX_DIALS dials and MAX_CANDIDATE
 control sockets take frames up to `control_frame_limit` (from this node's own manifest) and queue
 CONTROL_RCVHWM per connection; swarm.control_guard ends strangers' idle connections.
 
-Handshake on a link: first a session (swarm/protocol.py `Session`: nonces, Ed25519 keys, with a token
-MACs), so every frame is bound to its link and each end knows the other's id for certain; a Hello under
-another id than the session's is refused. Then both sides send Hello (swarm key, manifest digest, content
-digest, data-plane parameters). A different swarm key is refused with an `Error("wrong_key")`; a
-different manifest is fetched (`ManifestQuery`) only to report a readable difference, then refused. A
-`ManifestReply` is read only as the answer to our own query, and compared in wire form (never cut into
-pieces). A leecher without piece checksums takes them, with a token, from the first peer whose content
-digest matches its manifest; without one (an open swarm), only for the content digest a strict majority
-of the members it met announce, and it fails the fetch with `ManifestMismatchError` when none has one
-(docs/reliability.md, threat model). A peer is *accepted* (known to the scheduler) only after these
-checks. Pieces are checked against the checksums before they are announced (Have) or served.
+Peers: what a frame on a link means is decided by swarm/session.py (`Members`, sans-IO): the session
+handshake (nonces, Ed25519 keys, with a token MACs), the Hello checks (swarm key, manifest, content,
+a data path in common chosen per pair, the peer cap), the checksums a leecher adopts (with a token from
+the first matching peer; in an open swarm only by majority, failing the fetch with
+`ManifestMismatchError` when none has one; docs/reliability.md, threat model), and each peer's state
+(checking, accepted, refused). It returns actions; this module owns the sockets and carries them out
+(`_execute`): frames onto sockets, dials closed, an accepted peer joined to the scheduler and its data
+channel set up, an accepted peer's piece messages applied to the scheduler and the transport. Pieces
+are checked against the checksums before they are announced (Have) or served.
 
 Control plane: piece events leave in batches. Within one turn of the loop (everything read from the
 sockets and the transport's queue, then one scheduler tick), the haves of the pieces verified, the
