@@ -27,7 +27,7 @@ are checked against the checksums before they are announced (Have) or served.
 Control plane: piece events leave in batches. Within one turn of the loop (everything read from the
 sockets and the transport's queue, then one scheduler tick), the haves of the pieces verified, the
 hand-out hints, and each peer's requests, cancels, completion signals and refusals of its requests are
-collected, and each peer gets one `Batch` frame at the end of the turn (`_flush`), so the cost per
+collected (swarm/outbox.py), and each peer gets one `Batch` frame at the end of the turn, so the cost per
 piece of the control plane falls with the load (and a frame of requests is answered by one frame).
 The loop sleeps until a socket, the transport or the scheduler's own next timeout
 (`Scheduler.next_timeout`) needs it, and housekeeping (pings, dials, fetch supervision) every 0.25 s.
@@ -77,6 +77,7 @@ from swarm.errors import (
 )
 from swarm.identity import Identity
 from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, piece_checksums
+from swarm.outbox import Outbox
 from swarm.scheduler import Cancel, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
 from swarm.transport.base import Events, Transport
 
@@ -295,17 +296,6 @@ class _Dns:
 _Event = _Received | _Failed | _Sent | _Closed | _Notify | _Complete | _Dns
 
 
-@dataclass
-class _Outbox:
-    """One peer's share of the next `Batch` (insertion-ordered: requests leave in the scheduler's order)."""
-
-    cancel: dict[int, None] = field(default_factory=dict)
-    request: dict[int, None] = field(default_factory=dict)
-    sent: list[int] = field(default_factory=list)
-    busy: dict[int, None] = field(default_factory=dict)  # answers to its requests: ask later/elsewhere
-    refused: dict[int, None] = field(default_factory=dict)  # ... and: not held
-
-
 class Node:
     """A swarm member holding one rank's tensors. See the module docstring for the rules."""
 
@@ -354,9 +344,7 @@ class Node:
         self._seen_generation = self._seen_candidates = 0
         self._events: queue.Queue[_Event] = queue.Queue()
         # this turn's outgoing piece events (see _flush)
-        self._out_have: list[int] = []
-        self._out_handed: list[int] = []
-        self._out: dict[str, _Outbox] = {}
+        self._outbox = Outbox()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -914,33 +902,30 @@ class Node:
     def _apply(self, decisions: list[Any], now: float) -> None:
         for d in decisions:
             if isinstance(d, HandedOut):
-                self._out_handed.append(d.piece)
+                self._outbox.handed(d.piece)
                 continue
             peer = self._peers.get(d.peer)
             if peer is None:
                 continue
             if isinstance(d, Request):
                 self._maybe_connect_data(peer)
+                if not peer.accepted:  # its data channel could not be set up: refused, left
+                    continue
                 self.transport.expect(peer.id, d.piece)
                 if not self.transport.one_sided(peer.id):  # a one-sided path reads without asking
-                    self._outbox(peer.id).request[d.piece] = None
+                    self._outbox.request(peer.id, d.piece)
             elif isinstance(d, Cancel):
                 self.transport.unexpect(peer.id, d.piece)
                 if not self.transport.one_sided(peer.id):
-                    box = self._outbox(peer.id)
-                    if d.piece in box.request:
-                        del box.request[d.piece]  # withdrawn before it left: the peer never hears of it
-                    else:
-                        box.cancel[d.piece] = None
+                    self._outbox.cancel(peer.id, d.piece)
             elif isinstance(d, Serve):
                 if self.transport.has_channel(peer.id):
                     self.transport.send(peer.id, d.piece)
                 else:
-                    self._outbox(peer.id).busy[d.piece] = None  # the data channel is not ready
+                    self._outbox.refuse(peer.id, d.piece, busy=True)  # the data channel is not ready
                     self._apply(self.scheduler.upload_finished(peer.id, d.piece, now, False), now)
             elif isinstance(d, Refuse):
-                box = self._outbox(peer.id)
-                (box.busy if d.reason == "busy" else box.refused)[d.piece] = None
+                self._outbox.refuse(peer.id, d.piece, busy=d.reason == "busy")
 
     def _drain_events(self, now: float) -> None:
         while True:
@@ -995,7 +980,7 @@ class Node:
             self._last_progress = now
             self._cv.notify_all()
         self._apply(decisions, now)
-        self._out_have.append(piece)
+        self._outbox.have(piece)
         if self.scheduler.complete:
             self._finish_fetch(now)
 
@@ -1036,43 +1021,24 @@ class Node:
 
     # --- sending ----------------------------------------------------------------------------------
 
-    def _outbox(self, peer_id: str) -> _Outbox:
-        box = self._out.get(peer_id)
-        if box is None:
-            box = self._out[peer_id] = _Outbox()
-        return box
-
     def _notify(self, peer_id: str, msg: P.Message, now: float) -> None:
         """A transport's control message: a completion joins the peer's next Batch, others leave now."""
         peer = self._peers.get(peer_id)
         if peer is None:
             return
         if isinstance(msg, P.Sent) and msg.ok:
-            self._outbox(peer_id).sent.append(msg.piece)
+            self._outbox.sent(peer_id, msg.piece)
         else:
             self._send(peer, msg, now)
 
     def _flush(self, now: float) -> None:
         """Send this turn's piece events: one Batch per peer (more only past `MAX_BATCH` a list)."""
-        have, handed, out = self._out_have, self._out_handed, self._out
-        if not (have or handed or out):
-            return
-        self._out_have, self._out_handed, self._out = [], [], {}
-        shared: list[tuple[P.Batch, bytes]] | None = None  # for peers that get only the broadcast part
-        for peer in list(self._peers.values()):
-            box = out.get(peer.id)
-            news = peer.accepted and bool(have or handed)
-            if box is None:
-                if news:
-                    if shared is None:
-                        shared = [(b, P.pack(b)) for b in _batches(have, handed)]
-                    for b, payload in shared:
-                        self._send(peer, b, now, payload)
-            else:
-                h, ho = (have, handed) if news else ([], [])
-                lists = (box.cancel, box.request, box.sent, box.busy, box.refused)
-                for b in _batches(h, ho, *map(list, lists)):
-                    self._send(peer, b, now)
+        for peer_id, batch, payload in self._outbox.flush(
+            (p.id, p.accepted) for p in list(self._peers.values())
+        ):
+            peer = self._peers.get(peer_id)
+            if peer is not None:
+                self._send(peer, batch, now, payload)
 
     def _send(self, peer: S.Peer, msg: P.Message, now: float, payload: bytes | None = None) -> None:
         """Send on the peer's first live link (`payload`: `msg` packed already, when one message goes to
@@ -1341,17 +1307,6 @@ class Node:
             except OSError:
                 pass
         self._fail_fetch(FetchError("the node was closed"))
-
-
-def _batches(have: list[int], handed: list[int], *others: list[int]) -> list[P.Batch]:
-    """One Batch of these lists (have, handed, then the per-peer ones in `Batch`'s order; missing ones
-    empty), or several when a list is longer than the protocol's bound."""
-    lists = (have, handed, *others, *([] for _ in range(len(P.Batch.SCHEMA) - 2 - len(others))))
-    n = max(map(len, lists))
-    step = P.MAX_BATCH
-    if n <= step:
-        return [P.Batch(*lists)]
-    return [P.Batch(*(x[i : i + step] for x in lists)) for i in range(0, n, step)]
 
 
 def _registered(poller: zmq.Poller) -> list[Any]:
