@@ -5,6 +5,8 @@ with the time) and returns `Action`s: frames to put on a link, links to close, a
 (a peer accepted, checksums adopted, a message for the scheduler). It never touches a socket, a thread, a
 clock, the scheduler or a transport; swarm/node.py owns those and carries the actions out in order. So
 the whole life of a peer can be run through an in-memory pair of `Members` (tests/unit/test_session.py).
+The one thing called out of it is the path policy, `choose` (the node passes its transport's, which
+remembers the choice for the pair; tests pass `paths.choose_path`, a pure function).
 
 Entities:
 
