@@ -63,14 +63,9 @@ import torch  # noqa: E402
 from swarm.manifest import Manifest, as_bytes, checksum_async, piece_checksums  # noqa: E402
 from swarm.protocol import Channel, Request, decode_payload, pack  # noqa: E402
 from swarm.transport.base import Events  # noqa: E402
-from swarm.transport.nccl import (  # noqa: E402
-    NCCL_IN_PROGRESS,
-    NCCL_SUCCESS,
-    Nccl,
-    NcclError,
-    NcclTransport,
-    fused_checksum_async,
-)
+from swarm.transport.gpu_checksum import fused_checksum_async  # noqa: E402
+from swarm.transport.nccl import NcclTransport  # noqa: E402
+from swarm.transport.nccl_binding import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl, NcclError  # noqa: E402
 from tests.loopback import free_port  # noqa: E402
 
 ALL_CASES = (
@@ -1297,7 +1292,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
             device = torch.device("cuda", 0)
             torch.cuda.set_device(device)
             tensors = make_model(llama_spec(), device, random=True, seed=77)  # the same bytes everywhere
-            from swarm.transport.nccl import fused_checksum_works
+            from swarm.transport.nccl import fused_checksum_works  # also in older checkouts
 
             fused_checksum_works(device)  # compile the kernel here, not inside the first timed fetch
             torch.cuda.synchronize()

@@ -100,7 +100,8 @@ class AutoTransport(Transport):
 
             subs["ipc"] = IpcTransport(io_timeout_s=self._opts["io_timeout_s"])
             if self._nccl:
-                from swarm.transport.nccl import Nccl, NcclTransport
+                from swarm.transport.nccl import NcclTransport
+                from swarm.transport.nccl_binding import Nccl
 
                 try:
                     Nccl.load()

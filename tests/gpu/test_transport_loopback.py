@@ -231,7 +231,7 @@ def test_silent_peer_times_out() -> None:
 def test_binding_on_one_gpu_real_nccl() -> None:
     """The ctypes binding against the real libnccl: non-blocking init of a one-rank communicator,
     a send to itself and a receive in one group, abort."""
-    from swarm.transport.nccl import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl
+    from swarm.transport.nccl_binding import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl
 
     nccl = Nccl.load()
     assert nccl.version >= 21800
@@ -261,7 +261,7 @@ def test_binding_on_one_gpu_real_nccl() -> None:
 def test_fused_checksum_matches_manifest() -> None:
     from bench.gpu import HAVE_TRITON
     from swarm.manifest import checksum_async
-    from swarm.transport.nccl import fused_checksum_async
+    from swarm.transport.gpu_checksum import fused_checksum_async
 
     if not HAVE_TRITON:
         pytest.skip("Triton is not installed")
