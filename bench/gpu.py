@@ -1335,7 +1335,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                     discovery_timeout_s=20.0,
                     stall_timeout_s=30.0,
                     deadline_s=120.0,
-                    # on the CPU as on the GPU: NodeConfig gives the nccl transport these by default
+                    # on the CPU as on the GPU: NcclTransport gives the node these by default
                     scheduler=NVLINK_SCHEDULER if sched == "nvlink" or cpu else None,
                 )
                 skey = SwarmKey(model_id=f"control-{piece_mib}", dtype="bfloat16", engine="bench")

@@ -27,7 +27,8 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.manifest import Manifest
 from swarm.protocol import Channel, Message
-from swarm.transport.base import Events, Transport
+from swarm.scheduler import SchedulerConfig
+from swarm.transport.base import GPU_PIECE_SIZE, Events, Transport
 from swarm.transport.paths import Offer, choose_path, local_offer
 
 log = logging.getLogger("swarm.transport.auto")
@@ -170,6 +171,19 @@ class AutoTransport(Transport):
 
     def one_sided(self, peer: str) -> bool:
         return self._sub(peer).one_sided(peer)
+
+    # --- tuning (before `bind`: the piece size goes into the manifest) ------------------------------
+
+    def default_piece_size(self, on_gpu: bool) -> int:
+        return GPU_PIECE_SIZE if on_gpu else super().default_piece_size(on_gpu)
+
+    def default_scheduler(self, on_gpu: bool) -> SchedulerConfig | None:
+        """With tensors in GPU memory: CUDA IPC's deeper pipelines (one host first)."""
+        if not on_gpu:
+            return super().default_scheduler(on_gpu)
+        from swarm.transport import ipc
+
+        return ipc.recommended_scheduler()
 
     # --- routed calls ------------------------------------------------------------------------------
 

@@ -72,7 +72,8 @@ from swarm import capture
 from swarm.errors import ConfigError, TransportError
 from swarm.manifest import Manifest, checksum_async
 from swarm.protocol import Channel, Message
-from swarm.transport.base import Events, Transport
+from swarm.scheduler import SchedulerConfig
+from swarm.transport.base import GPU_PIECE_SIZE, Events, Transport
 from swarm.transport.gpu_checksum import fused_checksum_async, fused_checksum_works
 
 log = logging.getLogger("swarm.transport.ipc")
@@ -82,12 +83,10 @@ STREAMS = 4
 _MAX_REGIONS = 1 << 16
 
 
-def recommended_scheduler() -> Any:
+def recommended_scheduler() -> SchedulerConfig:
     """swarm.scheduler settings for members whose pieces move GPU to GPU on one host: a piece of 256 MiB
     is copied and verified in ~0.2 ms (bench/gpu.py `ipc`), less than the node's control work for it,
     so each peer gets a deep pipeline of requests (they cost the peer nothing: it is never asked)."""
-    from swarm.scheduler import SchedulerConfig
-
     return SchedulerConfig(
         max_uploads=16,
         seed_max_uploads=16,
@@ -371,6 +370,12 @@ class IpcTransport(Transport):
                 time.sleep(0.001)
             flight.clear()
         self._remotes.clear()
+
+    def default_piece_size(self, on_gpu: bool) -> int:
+        return GPU_PIECE_SIZE
+
+    def default_scheduler(self, on_gpu: bool) -> SchedulerConfig:
+        return recommended_scheduler()
 
     def is_ready(self, peer: str) -> bool:
         """True once `peer`'s export is mapped and checked."""

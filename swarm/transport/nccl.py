@@ -61,28 +61,22 @@ import torch
 from swarm.errors import ConfigError
 from swarm.manifest import Manifest, checksum_async
 from swarm.protocol import Channel, Message
-from swarm.transport.base import Events
+from swarm.scheduler import SchedulerConfig
+from swarm.transport.base import GPU_PIECE_SIZE, Events
 from swarm.transport.gpu_checksum import fused_checksum_async, fused_checksum_works
 from swarm.transport.nccl_binding import Nccl
 from swarm.transport.nccl_engine import NcclEngine
 
 log = logging.getLogger("swarm.transport.nccl")
 
-# --- settings the node should use with this transport (measured, see docs/benchmarks.md) ------------
-
-#: Piece size for NCCL swarms. The control plane costs ~0.2-0.4 ms of CPU a piece on its busiest thread
-#: while NVLink moves 64 MiB in ~0.18 ms, so 64 MiB pieces cap a leecher far below the link; with 256
-#: MiB pieces the control plane's ceiling (no bytes moved) measured 269-563 GB/s per leecher on an H200.
-RECOMMENDED_PIECE_SIZE = 256 << 20
+# --- settings the node uses with this transport (measured, see docs/benchmarks.md) -----------------
 
 
-def recommended_scheduler() -> Any:
+def recommended_scheduler() -> SchedulerConfig:
     """swarm.scheduler settings for NVLink-class links: several pieces requested and uploading per peer,
     so the ~1 ms control round trip is hidden. With the general defaults (tuned on the simulator for
     slow links) the control plane's ceiling measured 52-65 GB/s per leecher at 64 MiB pieces and
     163-223 GB/s at 256 MiB; with these, 116-197 and 269-563 GB/s (1-3 leechers, H200)."""
-    from swarm.scheduler import SchedulerConfig
-
     return SchedulerConfig(
         max_uploads=16,
         seed_max_uploads=16,
@@ -249,6 +243,12 @@ class NcclTransport(NcclEngine):
     def unexpect(self, peer: str, piece: int) -> None:
         """A request was cancelled or refused: nothing to undo, the seed's signal drives receives."""
         return None
+
+    def default_piece_size(self, on_gpu: bool) -> int:
+        return GPU_PIECE_SIZE
+
+    def default_scheduler(self, on_gpu: bool) -> SchedulerConfig:
+        return recommended_scheduler()
 
     def is_ready(self, peer: str) -> bool:
         """True once the channel from `peer` (opened by `connect`) has finished its set-up."""
