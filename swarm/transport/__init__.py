@@ -1,5 +1,6 @@
 """Data-plane transports: base (the interface), paths (which path a pair uses), auto (several at once),
-tcp (host memory), ipc (CUDA IPC on one host), nccl (GPU to GPU; nccl_binding, nccl_engine), gpu_checksum.
+tcp (host memory), ipc (CUDA IPC on one host), nccl (GPU to GPU; nccl_binding, nccl_engine), gpu_checksum and
+command_loop (what the GPU transports share).
 
 `make_transport` builds one by its name (swarm.options.TRANSPORTS); each is imported only when chosen, so
 a member without CUDA or libnccl never loads what it cannot use.

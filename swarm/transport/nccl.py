@@ -51,7 +51,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -189,9 +188,7 @@ class NcclTransport(NcclEngine):
         if self.nccl is None:
             self.nccl = Nccl.load(self._library)
         torch.cuda.synchronize(self.device)  # parameters written by the loader are complete
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="swarm-nccl", daemon=True)
-            self._thread.start()
+        self._loop.start(self.device, self._step)
         props = torch.cuda.get_device_properties(self.device)
         return {
             "device": int(self.device.index or 0),
@@ -224,16 +221,10 @@ class NcclTransport(NcclEngine):
         self._post(lambda: self._drop(peer, "dropped by the node", report=False))
 
     def close(self) -> None:
-        thread = self._thread
-        if thread is not None:
-            self._post(self._close_all)
-            thread.join(timeout=10.0)
-            if thread.is_alive():
-                log.warning("NCCL transport engine did not stop within 10 s")
+        self._loop.stop(self._close_all)
         deadline = time.monotonic() + 20.0
         for t in list(self._teardowns):
             t.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._thread = None
 
     def has_channel(self, peer: str) -> bool:
         """Whether `send(peer, p)` can be accepted: always, since a send asked before the peer's channel

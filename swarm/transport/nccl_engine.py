@@ -12,7 +12,6 @@ engine thread; aborts run on short-lived background threads.
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import threading
 import time
@@ -23,11 +22,11 @@ from typing import Any
 
 import torch
 
-from swarm import capture
 from swarm.errors import TransportError
 from swarm.manifest import checksum, checksum_async
 from swarm.protocol import Channel
 from swarm.transport.base import Events, Transport
+from swarm.transport.command_loop import CommandLoop
 from swarm.transport.nccl_binding import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl
 
 log = logging.getLogger("swarm.transport.nccl")
@@ -109,9 +108,7 @@ class NcclEngine(Transport):
         self._checksum: Callable[[Sequence[torch.Tensor]], torch.Tensor] = checksum_async
         self._gpu_checksum = True  # the manifest's algorithm is wsum32, computed on the GPU
         self.device: torch.device | None = None
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._loop = CommandLoop("swarm-nccl", "NCCL transport", log)
         self._teardowns: list[threading.Thread] = []
         # Engine-thread state.
         self._send: dict[str, _Chan] = {}
@@ -134,42 +131,25 @@ class NcclEngine(Transport):
         }
 
     def _post(self, fn: Callable[[], None]) -> None:
-        self._commands.put(fn)
+        self._loop.post(fn)
 
     # --- the engine thread -------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        assert self.device is not None
-        torch.cuda.set_device(self.device)
-        capture.relax()  # never disturb a CUDA graph capture of the process we serve from
-        active = False
-        while not self._stop.is_set():
-            # Poll every 0.2 ms while anything is under way (set-up, queued or in-flight pieces),
-            # else sleep until a command arrives.
+    def _step(self, now: float) -> bool:
+        """After each round of commands (swarm.transport.command_loop): move every channel on; whether
+        anything is under way (set-up, queued or in-flight pieces)."""
+        active = bool(self._orphans)
+        for ch in list(self._send.values()) + list(self._recv.values()):
             try:
-                cmd: Callable[[], None] | None = self._commands.get(timeout=0.0002 if active else 0.05)
-            except queue.Empty:
-                cmd = None
-            try:
-                while cmd is not None:
-                    cmd()
-                    cmd = self._commands.get_nowait()
-            except queue.Empty:
-                pass
-            except Exception:
-                log.exception("NCCL transport command failed")
-            now = time.monotonic()
-            active = bool(self._orphans)
-            for ch in list(self._send.values()) + list(self._recv.values()):
-                try:
-                    self._progress(ch, now)
-                except Exception as e:
-                    log.exception("NCCL channel %s to %s failed", ch.cid, ch.peer)
-                    self._fail(ch, f"{type(e).__name__}: {e}")
-                active = active or (
-                    ch.state == "init" or ch.busy is not None or bool(ch.waiting or ch.flight or ch.scatter)
-                )
-            self._expire_orphans(now)
+                self._progress(ch, now)
+            except Exception as e:
+                log.exception("NCCL channel %s to %s failed", ch.cid, ch.peer)
+                self._fail(ch, f"{type(e).__name__}: {e}")
+            active = active or (
+                ch.state == "init" or ch.busy is not None or bool(ch.waiting or ch.flight or ch.scatter)
+            )
+        self._expire_orphans(now)
+        return active
 
     def _events(self) -> Events:
         assert self.events is not None
@@ -634,7 +614,6 @@ class NcclEngine(Transport):
     def _close_all(self) -> None:
         for peer in set(self._send) | set(self._recv):
             self._drop(peer, "closing", report=False)
-        self._stop.set()
 
 
 _leaked: list[list[_Op]] = []  # buffers of channels whose streams never went idle: never freed
