@@ -16,8 +16,11 @@ Shape
   this overlaps with the control handshake (manifest, bitfields), and with transfers from peers already
   connected.
 - "Sending piece p now": NCCL needs the receiver to post the matching receive. The seed decides the
-  order: when it issues piece p on a channel it sends `Channel(op="piece", cid, seq, piece)` and
-  enqueues `ncclSend` at once; the receiver enqueues `ncclRecv` in `seq` order when the message arrives.
+  order: it numbers (`seq`) and enqueues `ncclSend` for every piece the channel takes in one turn of
+  its engine (up to `pipeline`), then tells the receiver all of them in one message,
+  `Channel(op="pieces", cid, seq of the first, [pieces])`; the receiver enqueues `ncclRecv` in `seq`
+  order when the message arrives. A receiver says in its "open" that it reads such batches; to one
+  that does not (an older member) the seed sends `Channel(op="piece", cid, seq, piece)` a piece.
   Requests are pipelined by the scheduler, so the signal for piece n+1 travels while piece n moves and
   the link never waits for the control plane. Receiver-driven ordering (post a receive per request)
   was rejected: a seed that rejects, reorders or cancels would leave a receive posted that never

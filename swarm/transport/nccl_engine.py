@@ -72,6 +72,7 @@ class _Chan:
     ready_at: float = 0.0
     uid: bytes = b""  # receiver: the NCCL unique id it created, re-sent until the channel is up
     opened_at: float = 0.0  # receiver: when "open" was last sent
+    batch: bool = False  # sender: the receiver reads "pieces" signals (several pieces in one message)
 
 
 def _stream(device: torch.device) -> torch.cuda.Stream:
@@ -84,6 +85,12 @@ def _event() -> torch.cuda.Event:
 
 def _done(event: torch.cuda.Event) -> bool:
     return bool(event.query())  # type: ignore[no-untyped-call]
+
+
+def _open_params(ch: _Chan) -> dict[str, Any]:
+    """A receiver's "open": its NCCL unique id, and that it reads "pieces" signals (a peer that does
+    not say so gets one "piece" message a piece, as before they existed)."""
+    return {"op": "open", "cid": ch.cid, "uid": ch.uid, "batch": True}
 
 
 def _ops(ch: _Chan) -> list[_Op]:
@@ -194,7 +201,7 @@ class NcclEngine(Transport):
             log.warning("cannot open an NCCL channel from %s: %s", peer, e)
             self._events().closed(peer, f"NCCL set-up failed: {e}")
             return
-        self._notify(peer, {"op": "open", "cid": cid, "uid": uid})
+        self._notify(peer, _open_params(ch))
 
     def _message(self, peer: str, params: dict[str, Any]) -> None:
         op = params.get("op")
@@ -218,20 +225,29 @@ class NcclEngine(Transport):
                 log.warning("cannot open an NCCL channel to %s: %s", peer, e)
                 self._notify(peer, {"op": "close", "cid": cid, "reason": f"NCCL set-up failed: {e}"[:200]})
                 return
+            sender.batch = params.get("batch") is True
             self._send[peer] = sender
             for p, _ in self._orphans.pop(peer, []):
                 sender.waiting.append(_Op(piece=p))
-        elif op == "piece":
+        elif op in ("piece", "pieces"):
             receiver = self._recv.get(peer)
             if receiver is None or receiver.cid != cid:
                 if cid not in self._dead_cids:
                     log.warning("NCCL piece signal from %s for unknown channel %s", peer, cid)
                 return
-            seq, piece = params.get("seq"), params.get("piece")
-            if type(seq) is not int or type(piece) is not int:
+            assert self.manifest is not None  # bound before any channel opened
+            seq = params.get("seq")
+            pieces = params.get("pieces") if op == "pieces" else [params.get("piece")]
+            if (
+                type(seq) is not int
+                or not isinstance(pieces, list)
+                or not 0 < len(pieces) <= len(self.manifest.pieces)
+                or any(type(p) is not int for p in pieces)
+            ):
                 self._fail(receiver, f"malformed piece signal {params!r:.200}")
                 return
-            receiver.waiting.append(_Op(piece=piece, seq=seq))
+            # Checked one by one when issued (order, range), as single signals are.
+            receiver.waiting.extend(_Op(piece=p, seq=seq + i) for i, p in enumerate(pieces))
         elif op == "close":
             reason = str(params.get("reason", ""))[:200]
             for chans in (self._send, self._recv):
@@ -293,7 +309,7 @@ class NcclEngine(Transport):
                     # The control plane may have dropped "open" (a peer not yet accepted, say):
                     # repeat it; the sender ignores copies of a channel it already has.
                     ch.opened_at = now
-                    self._notify(ch.peer, {"op": "open", "cid": ch.cid, "uid": ch.uid})
+                    self._notify(ch.peer, _open_params(ch))
                 return
             if state != NCCL_SUCCESS:
                 self._fail(ch, f"NCCL set-up failed: {self.nccl.error_string(state)}")
@@ -322,6 +338,27 @@ class NcclEngine(Transport):
             self._issue(ch, now)
 
     def _issue(self, ch: _Chan, now: float) -> None:
+        """Enqueue what the channel can take now. A sender tells the receiver the pieces it numbered
+        here in one message once they are enqueued (also when it stops early or fails)."""
+        signals: list[_Op] = []
+        try:
+            self._issue_ops(ch, now, signals)
+        finally:
+            if signals:
+                self._signal(ch, signals)
+
+    def _signal(self, ch: _Chan, ops: list[_Op]) -> None:
+        """The pieces `ops` follow on the channel, in `seq` order: one "pieces" message to a receiver
+        that announced it reads them, else one "piece" message each."""
+        if ch.batch:
+            self._notify(
+                ch.peer, {"op": "pieces", "cid": ch.cid, "seq": ops[0].seq, "pieces": [o.piece for o in ops]}
+            )
+            return
+        for op in ops:
+            self._notify(ch.peer, {"op": "piece", "cid": ch.cid, "seq": op.seq, "piece": op.piece})
+
+    def _issue_ops(self, ch: _Chan, now: float, signals: list[_Op]) -> None:
         assert self.nccl is not None and self.manifest is not None and self.device is not None
         while ch.busy is None and ch.waiting and len(ch.flight) < self.pipeline:
             op = ch.waiting[0]
@@ -335,7 +372,7 @@ class NcclEngine(Transport):
                     op.seq = ch.next_seq
                     ch.next_seq += 1
                     op.nbytes = length
-                    self._notify(ch.peer, {"op": "piece", "cid": ch.cid, "seq": op.seq, "piece": op.piece})
+                    signals.append(op)
                 ch.waiting.popleft()
                 op.buf = self._source(op, ch.stream)
                 rc = self.nccl.send(ch.comm, op.buf.data_ptr(), op.nbytes, 1, ch.stream.cuda_stream)
