@@ -1,13 +1,16 @@
 #!/bin/bash
 # One run on a one-GPU machine (issue 11): the single-GPU tests (CUDA IPC, CUDA graph capture), then
 # bench/gpu.py's ipc and control cases in one run; logs and JSON under $OUT (or /tmp/out).
-# The wheels the machine lacks (pyzmq, zeroconf, ifaddr, blake3, dnspython) come from the vLLM bundle's
-# first part (.gpu-vllm/p1/deps, carried; ../shared/gpu-vllm/README.md) or ./whl when present.
+# The wheels the machine lacks come from the vLLM bundle's first part (.gpu-vllm/p1/deps, carried;
+# ../shared/gpu-vllm/README.md: pyzmq, zeroconf, ifaddr, blake3, dnspython) and from .whl (carried: the
+# bundle has no cryptography; fetch it here with `python3 -m pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl
+# cryptography cffi pycparser`).
 # STEPS: any of export,tests,bench,others (default tests,bench).
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-wheels=$(ls whl/*.whl .gpu-vllm/p1/deps/*.whl 2>/dev/null | grep -E '/(pyzmq|zeroconf|ifaddr|blake3|dnspython)-')
+wheels=$(ls .whl/*.whl .gpu-vllm/p1/deps/*.whl 2>/dev/null | grep -E '/(pyzmq|zeroconf|ifaddr|blake3|dnspython|cryptography|cffi|pycparser)-')
 if [ -n "$wheels" ]; then
   # shellcheck disable=SC2086
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/deps $wheels
