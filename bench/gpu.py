@@ -1177,6 +1177,9 @@ def _nvlink_scheduler() -> Any:
 
 NVLINK_SCHEDULER: Any = None
 
+#: The cluster token of the bench's swarms (an open swarm would add its lone-seed vote to every start).
+BENCH_TOKEN = "bench-cluster-token"
+
 
 class ControlTransport(NcclTransport):
     """NcclTransport for the control measurement: where a receive would land in a staging buffer
@@ -1340,6 +1343,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                     discovery_timeout_s=20.0,
                     stall_timeout_s=30.0,
                     deadline_s=120.0,
+                    token=BENCH_TOKEN,
                     # on the CPU as on the GPU: NodeConfig gives the nccl transport these by default
                     scheduler=NVLINK_SCHEDULER if sched == "nvlink" or cpu else None,
                 )
@@ -1595,7 +1599,16 @@ def _ipc_swarm(
 
     m = Members()
     ports = [free_port() for _ in range(k + 1)]
-    base = {"ports": ports, "model": "llama8b", "seed": 77, "piece_mib": piece_mib, "warm_checksum": warm}
+    base = {
+        "ports": ports,
+        "model": "llama8b",
+        "seed": 77,
+        "piece_mib": piece_mib,
+        "warm_checksum": warm,
+        # with a cluster token, as docs/operations.md asks: an open swarm's lone seed is believed only
+        # after the 1 s vote (node.py _OPEN_QUORUM_S), which the end-to-end time would otherwise measure
+        "node": {"token": BENCH_TOKEN},
+    }
     out: list[dict[str, Any]] = []
     try:
         m.start({**base, "rank": 0, "role": "seed", "peers": [], "matmul_s": matmul_s})
