@@ -1652,6 +1652,8 @@ def _ipc_swarm(
                         "first_copy": x["stats"]["ipc"]["first_copy_t"] - x["start"],
                         "last_verified": x["stats"]["ipc"]["last_verified_t"] - x["start"],
                         "end": x["end"] - x["start"],
+                        # inside `started`: each transport's bind (in `made`) and open
+                        **{f"setup.{n}": v for n, v in x["stats"].get("setup_s", {}).items()},
                     }
                     for x in rows
                 ],
