@@ -25,8 +25,10 @@ no download. Cases (each with end-to-end time, communicator set-up included, and
   through swarm.transport.ipc and copy plus verify the whole model, piece by piece on 4 streams, all at
   once; best of --ipc-rounds), and the swarm (seed + k leecher nodes, transport "auto", which picks CUDA
   IPC): end-to-end from the leechers' node start (static peers on loopback, handshake included) and
-  transfer-only (first copy to last verified piece, as the transport timed them); k = 1 and 3. Then a
-  bf16 matmul loop in the seed alone and while 3 leechers pull.
+  transfer-only (first copy to last verified piece, as the transport timed them); k = 1 and 3, with a
+  cluster token. Then k = 1 with a cold checksum kernel (`ipc_swarm_cold`), k = 3 with each leecher
+  knowing only the seed (`ipc_swarm_star`), and a bf16 matmul loop in the seed alone and while 3
+  leechers pull.
 
 Output: a table (ratios to the pair floor), and with --json a list of records with at least `case`,
 `leechers`, `bytes`, `e2e_s`, `transfer_s`.
@@ -1172,6 +1174,9 @@ def _nvlink_scheduler() -> Any:
 
 NVLINK_SCHEDULER: Any = None
 
+#: The cluster token of the bench's swarms (an open swarm would add its lone-seed vote to every start).
+BENCH_TOKEN = "bench-cluster-token"
+
 
 class ControlTransport(NcclTransport):
     """NcclTransport for the control measurement: where a receive would land in a staging buffer
@@ -1335,6 +1340,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                     discovery_timeout_s=20.0,
                     stall_timeout_s=30.0,
                     deadline_s=120.0,
+                    token=BENCH_TOKEN,
                     # on the CPU as on the GPU: NcclTransport gives the node these by default
                     scheduler=NVLINK_SCHEDULER if sched == "nvlink" or cpu else None,
                 )
@@ -1582,21 +1588,32 @@ def _ipc_primitive(args: Any, ks: list[int], piece_mib: int) -> list[dict[str, A
 
 
 def _ipc_swarm(
-    args: Any, k: int, piece_mib: int, *, matmul_s: float = 0.0, warm: bool = True
+    args: Any, k: int, piece_mib: int, *, matmul_s: float = 0.0, warm: bool = True, star: bool = False
 ) -> list[dict[str, Any]]:
     """Seed + k leecher processes; `warm`: each leecher builds the fused checksum kernel (Triton) before
-    its node starts, as a process that already ran one would (else the first node start pays it)."""
+    its node starts, as a process that already ran one would (else the first node start pays it);
+    `star`: each leecher knows only the seed (no leecher-to-leecher copies), to tell what the mesh costs
+    on one GPU, where every source reads the same memory."""
     from tests.gpu.members import Members
 
     m = Members()
     ports = [free_port() for _ in range(k + 1)]
-    base = {"ports": ports, "model": "llama8b", "seed": 77, "piece_mib": piece_mib, "warm_checksum": warm}
+    base = {
+        "ports": ports,
+        "model": "llama8b",
+        "seed": 77,
+        "piece_mib": piece_mib,
+        "warm_checksum": warm,
+        # with a cluster token, as docs/operations.md asks: an open swarm's lone seed is believed only
+        # after the 1 s vote (node.py _OPEN_QUORUM_S), which the end-to-end time would otherwise measure
+        "node": {"token": BENCH_TOKEN},
+    }
     out: list[dict[str, Any]] = []
     try:
         m.start({**base, "rank": 0, "role": "seed", "peers": [], "matmul_s": matmul_s})
         m.event(0, "ready", 300)
         for r in range(1, k + 1):
-            peers = [j for j in range(k + 1) if j != r]
+            peers = [0] if star else [j for j in range(k + 1) if j != r]
             m.start(
                 {
                     **base,
@@ -1621,7 +1638,7 @@ def _ipc_swarm(
         nbytes = rows[0]["bytes"]
         out.append(
             {
-                "case": "ipc_swarm" if warm else "ipc_swarm_cold",
+                "case": "ipc_swarm" + ("" if warm else "_cold") + ("_star" if star else ""),
                 "leechers": k,
                 "bytes": nbytes,
                 "e2e_s": max(x["end"] - x["start"] for x in rows),
@@ -1634,6 +1651,8 @@ def _ipc_swarm(
                         "first_copy": x["stats"]["ipc"]["first_copy_t"] - x["start"],
                         "last_verified": x["stats"]["ipc"]["last_verified_t"] - x["start"],
                         "end": x["end"] - x["start"],
+                        # inside `started`: each transport's bind (in `made`) and open
+                        **{f"setup.{n}": v for n, v in x["stats"].get("setup_s", {}).items()},
                     }
                     for x in rows
                 ],
@@ -1685,6 +1704,8 @@ def run_ipc(args: Any) -> list[dict[str, Any]]:
         for k in ks:
             records += _ipc_swarm(args, k, mib)
     records += _ipc_swarm(args, min(ks), args.ipc_piece_mib[0], warm=False)
+    if max(ks) > 1:
+        records += _ipc_swarm(args, max(ks), args.ipc_piece_mib[0], star=True)
     records += _ipc_swarm(args, max(ks), args.ipc_piece_mib[0], matmul_s=120.0)
     prim = {(r["leechers"], r["piece_mib"]): r for r in records if r["case"] == "ipc_primitive"}
     for r in records:

@@ -225,6 +225,8 @@ class FetchReport:
     peer_names: dict[str, str]
     seconds: float
     total_bytes: int
+    #: the path (ipc, nccl, tcp) of each peer still connected at the end; a departed peer's is not kept
+    peer_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -232,9 +234,15 @@ class FetchReport:
 
     def describe(self) -> str:
         parts = ", ".join(
-            f"{self.peer_names.get(p, p)}: {b / 1e6:.1f} MB" for p, b in sorted(self.bytes_by_peer.items())
+            f"{self.peer_label(p)}: {b / 1e6:.1f} MB" for p, b in sorted(self.bytes_by_peer.items())
         )
         return f"{self.total_bytes / 1e6:.1f} MB in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) from {parts}"
+
+    def peer_label(self, peer: str) -> str:
+        """The peer's name, with its path when known: "host-a:47100 (ipc)"."""
+        name = self.peer_names.get(peer, peer)
+        path = self.peer_paths.get(peer)
+        return f"{name} ({path})" if path else name
 
 
 # --- what transport threads (and callers) tell the loop: typed events on one queue ---------------------
@@ -490,7 +498,8 @@ class Node:
             if p.bytes_from:
                 peers[p.id] = peers.get(p.id, 0) + p.bytes_from
         names = {pid: name for pid, (name, _) in gone.items()} | {p.id: p.name for p in live}
-        return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
+        paths = {p.id: self._path(p.id) for p in live if p.id in peers}
+        return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()), paths)
 
     def _past_deadline(self) -> StallError:
         """The deadline's error, built in the caller's thread from what it may read without the loop."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,7 @@ class AutoTransport(Transport):
         self._opts: dict[str, Any] = {"token": token, "io_timeout_s": io_timeout_s, "rate_cap": rate_cap}
         self._nccl = nccl
         self._paths: dict[str, str] = {}
+        self._setup_s: dict[str, float] = {}
         self._params: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._pid = ""
@@ -89,7 +91,9 @@ class AutoTransport(Transport):
         for name, t in self.subs.items():
             t.peer_id = self._pid
             t.identity = self._identity
+            t0 = time.perf_counter()
             t.bind(manifest, tensors, self._events_for(name))
+            self._setup_s[f"{name}.bind"] = time.perf_counter() - t0
         self._offer = local_offer(self.subs, gpu if set(self.subs) - {"tcp"} else None)
 
     def _default_subs(self, gpu: bool) -> dict[str, Transport]:
@@ -113,8 +117,10 @@ class AutoTransport(Transport):
 
     def open(self, host: str) -> dict[str, Any]:
         params: dict[str, Any] = {}
-        for t in self.subs.values():
+        for name, t in self.subs.items():
+            t0 = time.perf_counter()
             params.update(t.open(host))
+            self._setup_s[f"{name}.open"] = time.perf_counter() - t0
         return params
 
     def set_checksums(self, checksums: Sequence[str]) -> None:
@@ -230,4 +236,5 @@ class AutoTransport(Transport):
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: t.stats() for name, t in self.subs.items()}
         out["paths"] = dict(self._paths)
+        out["setup_s"] = dict(self._setup_s)  # what each transport's start cost (bench/gpu.py `ipc`)
         return out
