@@ -538,18 +538,9 @@ class NcclEngine(Transport):
         """Abort one channel (and, on a failure, the peer's other direction): report its pieces."""
         if ch.state == "dead":
             return
-        ch.state = "dead"
         self._stats["channels_failed"] += 1
         log.warning("NCCL channel %s %s %s: %s", ch.cid, "to" if ch.sending else "from", ch.peer, reason)
-        chans = self._send if ch.sending else self._recv
-        if chans.get(ch.peer) is ch:
-            del chans[ch.peer]
-        self._dead_cids.add(ch.cid)
-        if notify:
-            self._notify(ch.peer, {"op": "close", "cid": ch.cid, "reason": reason[:200]})
-        ops = (
-            ([ch.busy] if ch.busy is not None else []) + list(ch.flight) + list(ch.waiting) + list(ch.scatter)
-        )
+        ops = self._retire(ch, reason, notify=notify)
         events = self._events()
         for op in ops:
             if op.piece < 0:
@@ -637,16 +628,19 @@ class NcclEngine(Transport):
 
     def _silent_abort(self, ch: _Chan, reason: str) -> None:
         """Abort without reporting pieces (the node dropped the peer and forgets its requests)."""
+        self._abort_later(ch, self._retire(ch, reason, notify=True))
+
+    def _retire(self, ch: _Chan, reason: str, *, notify: bool) -> list[_Op]:
+        """Mark a channel dead and forget it (its id stays known, so late messages for it are ignored);
+        tell the peer unless `notify` is false. Returns every piece operation it held."""
         ch.state = "dead"
         chans = self._send if ch.sending else self._recv
         if chans.get(ch.peer) is ch:
             del chans[ch.peer]
         self._dead_cids.add(ch.cid)
-        self._notify(ch.peer, {"op": "close", "cid": ch.cid, "reason": reason})
-        ops = (
-            ([ch.busy] if ch.busy is not None else []) + list(ch.flight) + list(ch.waiting) + list(ch.scatter)
-        )
-        self._abort_later(ch, ops)
+        if notify:
+            self._notify(ch.peer, {"op": "close", "cid": ch.cid, "reason": reason[:200]})
+        return _ops(ch)
 
     def _close_all(self) -> None:
         for peer in set(self._send) | set(self._recv):
