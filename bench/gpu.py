@@ -13,7 +13,8 @@ no download. Cases (each with end-to-end time, communicator set-up included, and
 - broadcast: ncclBroadcast of every tensor to k leechers in one static group;
 - transport: k leechers fetch every piece from the seed through swarm.transport.nccl (piece signals,
   pipelining, GPU checksums) with a small stand-in control plane over multiprocessing queues;
-- swarm, swarm_staggered: real swarm.node processes (when swarm.node exists);
+- swarm, swarm_staggered: real swarm.node processes, one a GPU, over NCCL and (`swarm_ipc`,
+  `swarm_staggered_ipc`) over CUDA IPC between the GPUs (--swarm-transports);
 - disk: safetensors.torch.load_file of the same tensors from the page cache into the GPU;
 - checksum: swarm.manifest's checksum over the whole model, and a fused Triton kernel of the same
   function (values checked identical), in GB/s;
@@ -609,21 +610,32 @@ class Worker:
     # --- the swarm: real swarm.node processes over ZMQ on loopback, static peers --------------------------
 
     def swarm(
-        self, k: int, stagger_s: float, label: str, sched: str = "default", piece_mib: int = 64
+        self,
+        k: int,
+        stagger_s: float,
+        label: str,
+        sched: str = "default",
+        piece_mib: int = 64,
+        transport: str = "nccl",
     ) -> None:
-        """k leechers (ranks 1..k) fetch through swarm.node from the seed (rank 0) and each other;
-        leecher i starts (i - 1) x stagger_s after the first."""
+        """k leechers (ranks 1..k) fetch through swarm.node from the seed (rank 0) and each other over
+        `transport` ("nccl", or "ipc": each reads the others' GPU memory through CUDA IPC); leecher i
+        starts (i - 1) x stagger_s after the first."""
         from swarm.manifest import SwarmKey
         from swarm.node import Node, NodeConfig
+        from swarm.transport.ipc import IpcTransport
 
-        key = f"{label}/{sched}/{piece_mib}/{k}"
+        def make() -> Any:
+            return NcclTransport(self.device) if transport == "nccl" else IpcTransport(self.device)
+
+        key = f"{label}/{transport}/{sched}/{piece_mib}/{k}"
         ports = self.args.ports
         manifest = Manifest.from_tensors(self.tensors, piece_size=piece_mib << 20)
         members = range(k + 1)
         if self.rank != 0:
             poison(self.tensors)
         cfg = NodeConfig(
-            transport="nccl",
+            transport=transport,
             peers=",".join(f"127.0.0.1:{ports[j]}" for j in members if j != self.rank),
             host="127.0.0.1",
             control_port=ports[self.rank],
@@ -643,7 +655,7 @@ class Worker:
                 cfg,
                 complete=True,
                 manifest=manifest,
-                transport=NcclTransport(self.device),
+                transport=make(),
             ).start()
         self.coord.barrier(f"{key}/start")
         t_go = time.time()
@@ -662,7 +674,7 @@ class Worker:
                 cfg,
                 complete=False,
                 manifest=manifest,
-                transport=NcclTransport(self.device),
+                transport=make(),
             ).start()
             report = node.fetch(progress)
             t1 = time.time()
@@ -679,7 +691,7 @@ class Worker:
                         ("seed" if pid == self._seed_id(key) else pid): b
                         for pid, b in report.bytes_by_peer.items()
                     },
-                    "init_s": st["init_s"],
+                    "init_s": st.get("init_s", []),
                     "checksum": st["checksum"],
                     "fetch_s": report.seconds,
                 },
@@ -699,13 +711,15 @@ class Worker:
             rows = [self.coord.get(f"{key}/r{r}") for r in range(1, k + 1)]
             if (
                 label == "swarm"
+                and transport == self.args.swarm_transports[0]
                 and k == 1
                 and sched == "nvlink"
                 and piece_mib == max(self.args.swarm_piece_mib)
             ):
                 self.coord.set("swarm/single_e2e", rows[0]["end"] - rows[0]["start"])
             self.record(
-                case=label,
+                case=label if transport == "nccl" else f"{label}_{transport}",
+                transport=transport,
                 leechers=k,
                 bytes=self.bytes,
                 e2e_s=max(r["end"] - r["start"] for r in rows),
@@ -1088,16 +1102,18 @@ def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], resul
                 for k in ks:
                     w.transport(k)
             elif case == "swarm":
-                for sched in args.sched:
-                    for mib in args.swarm_piece_mib:
-                        for k in ks:
-                            w.swarm(k, 0.0, "swarm", sched, mib)
+                for via in args.swarm_transports:
+                    for sched in args.sched:
+                        for mib in args.swarm_piece_mib:
+                            for k in ks:
+                                w.swarm(k, 0.0, "swarm", sched, mib, via)
             elif case == "swarm_staggered":  # needs 2 leechers or more
                 single = w.coord.maybe("swarm/single_e2e") or 0.5
-                for sched in args.sched:
-                    for mib in args.swarm_piece_mib:
-                        for k in ks[1:]:
-                            w.swarm(k, args.stagger_s or 0.3 * single, "swarm_staggered", sched, mib)
+                for via in args.swarm_transports:
+                    for sched in args.sched:
+                        for mib in args.swarm_piece_mib:
+                            for k in ks[1:]:
+                                w.swarm(k, args.stagger_s or 0.3 * single, "swarm_staggered", sched, mib, via)
             elif case == "serving":
                 w.serving(args.serve_seconds)
             elif case == "binding":
@@ -1727,10 +1743,12 @@ def run_ipc(args: Any) -> list[dict[str, Any]]:
 
 def run(args: Any) -> list[dict[str, Any]]:
     world = args.gpus or torch.cuda.device_count()
-    if world < 2 and any(
-        c in args.cases for c in ("pair", "naive", "broadcast", "transport", "serving", "binding")
-    ):
-        raise SystemExit(f"{world} GPU(s): the transfer cases need at least 2")
+    multi = ("pair", "naive", "broadcast", "transport", "serving", "binding", "swarm", "swarm_staggered")
+    if world < 2 and any(c in args.cases for c in multi):
+        raise SystemExit(
+            f"{world} GPU(s): the cases {', '.join(c for c in args.cases if c in multi)} need at least 2 "
+            "(on one GPU: --cases ipc,control)"
+        )
     args.ports = [free_port() for _ in range(world)]
     inboxes = {f"r{r}": mp.get_context("spawn").Queue() for r in range(world)}
     return run_ranks(worker_main, world, inboxes, args)
@@ -1822,6 +1840,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--swarm-piece-mib", default="64,256", help="swarm cases: piece sizes to try (MiB)")
     ap.add_argument(
+        "--swarm-transports", default="nccl,ipc", help="swarm cases: transports to run them over (nccl, ipc)"
+    )
+    ap.add_argument(
         "--ipc-piece-mib", default="256,1024", help="ipc: piece sizes (MiB); the first is the default"
     )
     ap.add_argument("--ipc-rounds", type=int, default=3, help="ipc: rounds of the primitive (best kept)")
@@ -1835,6 +1856,9 @@ def main(argv: list[str] | None = None) -> int:
     args.control_sched = ["default", "nvlink"] if args.control_sched == "both" else [args.control_sched]
     args.sched = ["default", "nvlink"] if args.sched == "both" else [args.sched]
     args.swarm_piece_mib = [int(x) for x in str(args.swarm_piece_mib).split(",") if x]
+    args.swarm_transports = [x for x in str(args.swarm_transports).split(",") if x]
+    if not args.swarm_transports or set(args.swarm_transports) - {"nccl", "ipc"}:
+        ap.error(f"--swarm-transports: nccl and/or ipc, not {args.swarm_transports}")
     args.ipc_leechers = [int(x) for x in str(args.ipc_leechers).split(",") if x]
     args.ipc_piece_mib = [int(x) for x in str(args.ipc_piece_mib).split(",") if x]
     unknown = set(args.cases) - set(ALL_CASES)
