@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from swarm import protocol as P
@@ -352,7 +352,7 @@ def schedules(draw: Callable[..., object]) -> list[tuple[str, int, int, int]]:
         st.integers(0, 1 << 16),  # which frame
         st.integers(0, 1 << 16),  # where and what to flip
     )
-    return draw(st.lists(op, max_size=60))  # type: ignore[return-value]
+    return draw(st.lists(op, min_size=10, max_size=80))  # type: ignore[return-value]
 
 
 def _foreign_frames(token: str | None) -> list[bytes]:
@@ -404,6 +404,9 @@ def test_no_interleaving_gets_a_forged_or_replayed_frame_accepted(
             continue
         if kind == "next":
             if cursor[d] >= len(sent[d]):
+                d = 1 - d  # the honest conversation goes on in the other direction
+                to = sides[d]
+            if cursor[d] >= len(sent[d]):
                 continue
             frame = sent[d][cursor[d]]
             cursor[d] += 1
@@ -425,9 +428,12 @@ def test_no_interleaving_gets_a_forged_or_replayed_frame_accepted(
         seq, payload = msgpack.unpackb(frame, raw=False)[2:4]
         if seq == 0:
             continue  # a handshake frame (or an unsigned Error, which can only end our own dial)
+        event("a message was accepted")  # the schedules do reach the post-handshake traffic
         assert seq > last[d], "a replayed or reordered frame was accepted"
         last[d] = seq
         if token is not None:
             assert (seq, payload) in honest[d], "a forged frame was accepted"
+    if seed.peers.get(leecher.id) is not None and seed.peers[leecher.id].accepted:
+        event("the seed accepted the leecher")
     # Whatever happened, nobody but the two honest members became a peer of either.
     assert set(seed.peers) <= {leecher.id} and set(leecher.peers) <= {seed.id}
