@@ -437,3 +437,34 @@ def test_no_interleaving_gets_a_forged_or_replayed_frame_accepted(
         event("the seed accepted the leecher")
     # Whatever happened, nobody but the two honest members became a peer of either.
     assert set(seed.peers) <= {leecher.id} and set(leecher.peers) <= {seed.id}
+
+
+def test_an_open_swarm_leecher_hears_when_its_content_loses_the_majority() -> None:
+    honest, leecher = member(seed=True), member()
+    pair = Pair(honest, leecher)
+    pair.run()
+    pair.take(leecher, leecher.decide(1.0))
+    pair.run()
+    assert leecher.checksums == CHECKSUMS and not pair.of(leecher, S.Disagreement)
+    liar = member(seed=True, checksums=["f" * 32] * 4)
+    p2 = Pair(liar, leecher)
+    p2.run()
+    (lost,) = p2.of(leecher, S.Disagreement)  # one against one: its content has no strict majority
+    assert "disagree on its bytes" in str(lost.error)  # type: ignore[attr-defined]
+    assert leecher.peers[liar.id].state is S.PeerState.REFUSED
+
+
+def test_becoming_a_seed_checks_every_peer_again() -> None:
+    seed, leecher, other = (
+        member("t", seed=True),
+        member("t"),
+        member("t", seed=True, checksums=["e" * 32] * 4),
+    )
+    Pair(seed, leecher).run()
+    Pair(other, leecher, ident=b"other").run()  # its content differs: the leecher took the seed's first
+    assert leecher.peers[seed.id].accepted
+    assert leecher.peers[other.id].state is S.PeerState.REFUSED
+    actions = leecher.become_seed(CHECKSUMS, 0.0)
+    assert [a.peer.id for a in actions if isinstance(a, S.Accepted)] == [seed.id]
+    assert leecher.role == "seed" and leecher.hello().role == "seed"
+    assert leecher.peers[other.id].state is S.PeerState.REFUSED  # a refusal stands
