@@ -26,7 +26,9 @@ Rules (everything that decides whether a peer is used lives here):
    (`wrong_key`, `wrong_transport`) end our dial (busy: for a while; a refusal: for good).
 3. A Hello is refused for: our own id (a loop back to ourselves), another swarm key, no data path in
    common (`choose`, per pair, swarm/transport/paths.py), or a full node (`max_peers`, or a peer shunned
-   for a while). A dialed link is closed then; a listened one answered with an `Error`.
+   for a while). A listened link is answered with an `Error` (`wrong_key`, `wrong_transport`, `busy`);
+   a dialed one is closed (our own id: for good; busy: for a while), except that no common path is
+   answered on it too, so both ends note why.
 4. A peer is CHECKING until its manifest digest and (when both know it) content digest match ours. A
    different manifest is fetched (`ManifestQuery`) only to report a readable difference, then refused.
    A `ManifestReply` is read only as the answer to our own query and compared in wire form.
@@ -36,7 +38,7 @@ Rules (everything that decides whether a peer is used lives here):
 6. What a peer's messages do depends on its state: the table `ON_MESSAGE`. Before acceptance, haves are
    buffered (and handed over with `Accepted`), transport set-up messages pass through; afterwards every
    piece message goes to the node (`Deliver`). A REFUSED peer is kept (so its Hello is not checked
-   again) but nothing it sends is used.
+   again) but nothing it sends is used; refusing an accepted peer tells the node to let it go.
 7. A peer's state changes only through `TRANSITIONS`; any other change is a bug (`SwarmError`).
 
 Bounds, before authentication: listened links without a peer (handshakes in progress, `swarm status`
