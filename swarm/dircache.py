@@ -240,11 +240,15 @@ def shifted_peers(peers: str | None, shift: int) -> str | None:
     return ",".join(e for e in out if e) or None
 
 
-def node_config(config: NodeConfig, shift: int, *, name: str, piece_size: int, timeout_s: float) -> NodeConfig:
+def node_config(
+    config: NodeConfig, shift: int, *, name: str, piece_size: int, timeout_s: float
+) -> NodeConfig:
     """The config of a directory node derived from a member's own: shifted ports and peers, one piece
     size, `timeout_s` to find a peer, no metrics port of its own."""
     if config.port_offset >= MAX_RANKS:
-        raise DirCacheError(f"rank {config.port_offset} is beyond the {MAX_RANKS} ranks a directory cache serves")
+        raise DirCacheError(
+            f"rank {config.port_offset} is beyond the {MAX_RANKS} ranks a directory cache serves"
+        )
     return dataclasses.replace(
         config,
         port_offset=config.port_offset + shift,
@@ -324,7 +328,9 @@ def publish(name: str, extra: str, blob: bytes, config: NodeConfig) -> DirSeed:
             ("index", INDEX_PORT_SHIFT, index, INDEX_BYTES),
             (sha[:16], ARCHIVE_PORT_SHIFT, blob, archive_piece_size(len(blob))),
         ):
-            cfg = node_config(config, shift, name=name, piece_size=piece, timeout_s=config.discovery_timeout_s)
+            cfg = node_config(
+                config, shift, name=name, piece_size=piece, timeout_s=config.discovery_timeout_s
+            )
             nodes.append(Node(_key(name, part, extra), {"data": _tensor(data)}, cfg, complete=True).start())
     except BaseException:
         for n in nodes:
@@ -333,7 +339,9 @@ def publish(name: str, extra: str, blob: bytes, config: NodeConfig) -> DirSeed:
     return DirSeed(nodes, len(blob), sha)
 
 
-def fetch(name: str, extra: str, config: NodeConfig, *, max_bytes: int, timeout_s: float) -> tuple[bytes, DirSeed]:
+def fetch(
+    name: str, extra: str, config: NodeConfig, *, max_bytes: int, timeout_s: float
+) -> tuple[bytes, DirSeed]:
     """Fetch the archive published under `name`: the index (looking for a seed for `timeout_s`), then
     the archive it names, checked against the index's SHA-256. Returns the archive and the two nodes,
     now seeds of it (the caller closes them, or keeps them serving). Raises a SwarmError (NoSeedError
@@ -351,7 +359,9 @@ def fetch(name: str, extra: str, config: NodeConfig, *, max_bytes: int, timeout_
         archive = _tensor(bytes(size))
         manifest = Manifest.from_tensors({"data": archive}, piece)
         nodes.append(
-            Node(_key(name, sha[:16], extra), {"data": archive}, cfg, complete=False, manifest=manifest).start()
+            Node(
+                _key(name, sha[:16], extra), {"data": archive}, cfg, complete=False, manifest=manifest
+            ).start()
         )
         nodes[1].fetch()
         blob = archive.numpy().tobytes()
