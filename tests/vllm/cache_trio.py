@@ -73,13 +73,15 @@ def run_trio(
     env: dict[str, str] | None = None,
     timeout: float = 900.0,
     servers: list[VllmServer] | None = None,
+    swarm: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Start A, then B (carried cache), then C (none); return times, log facts and checks. Every server
-    started is appended to `servers` (the caller stops them, also on failure)."""
+    """Start A, then B (carried cache), then C (none); return times, log facts and checks. `swarm`: more
+    loader options for all three. Every server started is appended to `servers` (the caller stops them,
+    also on failure)."""
     started: list[VllmServer] = [] if servers is None else servers
     pa, pb, pc = free_port(), free_port(), free_port()
 
-    def start(name: str, swarm: dict[str, Any]) -> VllmServer:
+    def start(name: str, opts: dict[str, Any]) -> VllmServer:
         own = {
             "VLLM_CACHE_ROOT": str(root / f"cache-{name}"),
             "TRITON_CACHE_DIR": str(root / f"triton-{name}"),
@@ -87,7 +89,7 @@ def run_trio(
         s = VllmServer(
             model,
             out / f"cc-{name}.log",
-            swarm=swarm,
+            swarm={**opts, **(swarm or {})},
             name=f"cc-{name}",
             eager=False,
             extra_args=extra_args,
