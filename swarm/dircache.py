@@ -257,6 +257,8 @@ def node_config(
         discovery_timeout_s=timeout_s,
         stall_timeout_s=min(config.stall_timeout_s, max(timeout_s, 10.0)),
         metrics_port=None,
+        # a directory is host memory: a forced GPU transport could not carry it, "auto" picks TCP
+        transport="auto" if config.transport in ("ipc", "nccl") else config.transport,
         model_name=name,
         seed=None,
         scheduler=None,
