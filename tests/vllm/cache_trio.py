@@ -100,7 +100,11 @@ def run_trio(
 
     t0 = time.monotonic()
     a = start("A", _opts(pa, [])).wait_ready(timeout)
-    wait_for(a, PUBLISHED, 300, "published compile cache")
+    try:
+        wait_for(a, PUBLISHED, 300, "published compile cache")
+    except ServerError as e:
+        files = sorted(str(p.relative_to(root)) for p in (root / "cache-A").rglob("*") if p.is_file())
+        raise ServerError(f"{e}\nfiles in A's cache root ({len(files)}):\n" + "\n".join(files[:60])) from None
     tokens = {"A": [a.complete(p) for p in PROMPTS]}
     b = start("B", _opts(pb, [pa])).wait_ready(timeout)
     tokens["B"] = [b.complete(p) for p in PROMPTS]
