@@ -27,6 +27,13 @@ CARRIED = re.compile(r"swarm: compile cache (\S+) from the swarm: (\d+) files .*
 #: vLLM's own lines when it loads compiled artifacts instead of compiling (AOT: vLLM >= 0.28 with torch
 #: >= 2.10; the Inductor backend's cache otherwise)
 VLLM_LOADED = re.compile(r"Directly load AOT compilation from path|Directly load the compiled graph\(s\)")
+#: vLLM looked up an AOT artifact (loaded it, or failed to: vLLM 0.32's CPU build cannot load its own AOT
+#: artifact, "'function' object has no attribute 'finalize_loading'", and compiles again, with Inductor's
+#: cache, inside the carried directory, warm)
+AOT_LOOKUP = re.compile(
+    r"(?:Directly load AOT compilation from path|Compiling model again due to a load failure from) (\S+?),?\s"
+)
+AOT_SAVED = re.compile(r"saved AOT compiled function to (\S+)")
 INIT_ENGINE = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s")
 COMPILE_TOOK = re.compile(
     r"torch\.compile (?:takes|and initial profiling/warmup run together took) ([\d.]+) s"
@@ -40,9 +47,18 @@ def _opts(port: int, peers: list[int], **kw: Any) -> dict[str, Any]:
     return {**o, **kw}
 
 
+def _in_cache(path: str) -> str:
+    """A path relative to its `torch_compile_cache` (the part vLLM's hash names)."""
+    return path.partition("/torch_compile_cache/")[2]
+
+
 def facts(log: str) -> dict[str, Any]:
     """What one server's log says about its compile cache and start-up."""
     out: dict[str, Any] = {"vllm_loaded_compiled": bool(VLLM_LOADED.search(log))}
+    if m := AOT_LOOKUP.search(log):
+        out["aot_looked_up"] = _in_cache(m.group(1))
+    if m := AOT_SAVED.search(log):
+        out["aot_saved"] = _in_cache(m.group(1))
     if m := PUBLISHED.search(log):
         out["published"] = {"name": m.group(1), "files": int(m.group(2)), "MB": float(m.group(3))}
     if m := CARRIED.search(log):
@@ -74,10 +90,12 @@ def run_trio(
     timeout: float = 900.0,
     servers: list[VllmServer] | None = None,
     swarm: dict[str, Any] | None = None,
+    expect_load: bool = False,
 ) -> dict[str, Any]:
     """Start A, then B (carried cache), then C (none); return times, log facts and checks. `swarm`: more
-    loader options for all three. Every server started is appended to `servers` (the caller stops them,
-    also on failure)."""
+    loader options for all three. `expect_load`: B's vLLM must load the compiled artifacts (the CPU
+    build cannot: see AOT_LOOKUP; there B must look up the carried artifact). Every server started is
+    appended to `servers` (the caller stops them, also on failure)."""
     started: list[VllmServer] = [] if servers is None else servers
     pa, pb, pc = free_port(), free_port(), free_port()
 
@@ -117,10 +135,14 @@ def run_trio(
     checks = {
         "A_compiled_and_published": "published" in got["A"] and not got["A"]["vllm_loaded_compiled"],
         "B_got_the_cache_through_the_swarm": "carried" in got["B"],
-        "B_vllm_loaded_compiled_artifacts": got["B"]["vllm_loaded_compiled"],
+        # vLLM's own hash picked the directory that came from A: the same one A saved into
+        "B_vllm_used_the_carried_directory": got["B"]["vllm_loaded_compiled"]
+        or ("aot_looked_up" in got["B"] and got["B"]["aot_looked_up"] == got["A"].get("aot_saved")),
         "C_compiled_itself": not got["C"]["vllm_loaded_compiled"] and "carried" not in got["C"],
         "same_greedy_tokens": tokens["A"] == tokens["B"] == tokens["C"],
     }
+    if expect_load:
+        checks["B_vllm_loaded_compiled_artifacts"] = got["B"]["vllm_loaded_compiled"]
     result: dict[str, Any] = {
         "wall_s": round(time.monotonic() - t0, 1),
         "ready_s": {n: round(v, 1) for n, v in ready.items()},
