@@ -182,6 +182,7 @@ def phase_compile_cache(run: Run, root: Path) -> dict[str, Any]:
             timeout=600,
             servers=run.servers,
             swarm=swarm,
+            expect_load=True,
         )
     finally:
         run.stop_all()
