@@ -13,7 +13,7 @@ sets the environment and calls this). Phases (`--phases 1,2,3,4`):
 4. the compile cache through the swarm (tests/vllm/cache_trio.py, the sequence the CPU test and
    bench/compile_cache.py run): A compiles (torch.compile + CUDA graphs) and publishes its cache; B,
    with an empty cache root, gets it through the swarm; C, with `compile_cache: false`, compiles. Each
-   has its own VLLM_CACHE_ROOT and TRITON_CACHE_DIR. Time to ready of each, whether B's vLLM loaded the
+   has its own VLLM_CACHE_ROOT and TRITON_HOME. Time to ready of each, whether B's vLLM loaded the
    compiled artifacts, and the ratio C/B.
 
 Prints one JSON object per phase and writes them all to OUT/vllm_gpu.json; server logs go to OUT too.
