@@ -5,12 +5,12 @@ A's cache from the swarm, C starts without it (`compile_cache: false`). Used by 
 
 Every server compiles (no --enforce-eager) into a cache root of its own (VLLM_CACHE_ROOT), and has a
 Triton home of its own (TRITON_HOME: Triton's default cache, ~/.triton/cache, is not shared, so no
-instance profits from another's kernels outside the swarm). TRITON_CACHE_DIR stays unset: vLLM then puts
-Triton's cache inside its own compile cache (vllm/compilation/compiler_interface.py), where it is
-carried; set, vLLM would leave it outside. All three load the model by the same path: vLLM's cache hash includes it. B and C both get their
-weights from A through the swarm; the only difference between them is the compile cache. B is stopped
-before C starts, so the two do not compete for the machine. Time to ready: process start to the first
-200 from /health.
+instance profits from another's kernels outside the swarm). TRITON_CACHE_DIR stays unset: vLLM then
+puts Triton's cache inside its own compile cache (vllm/compilation/compiler_interface.py), where it is
+carried; set, vLLM would leave it outside. All three load the model by the same path: vLLM's cache
+hash includes it. B and C both get their weights from A through the swarm; the only difference between
+them is the compile cache. B is stopped before C starts, so the two do not compete for the machine.
+Time to ready: process start to the first 200 from /health.
 """
 
 from __future__ import annotations
