@@ -20,6 +20,10 @@ supported release (0.24 to 0.33). Per worker rank (docs/loader.md has the long f
    post-processing left the swarmed bytes as they were, then mark the node complete: it serves every
    piece from its background threads until the process exits (vllm_plugin.members closes it then).
 
+Beside the weights, `load_model` carries vLLM's compile cache (vllm_plugin.compile_cache): it starts
+looking for a published one as it begins, installs it before it returns (so before vLLM compiles), and
+otherwise watches for this instance's own compile to publish it.
+
 A `load_weights` call outside `load_model` (vLLM's in-place weight reload) loads from disk, as the
 default loader would: the swarm only fills a model that `load_model` is building.
 
@@ -215,11 +219,11 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
         vLLM will not compile into its default cache. Never fails the load: None, with one line, then."""
         if not self.options.compile_cache:
             return None
-        why = compile_cache.compiles(vllm_config)
-        if why is not None:
-            logger.info("swarm: compile cache not carried: %s", why)
-            return None
         try:
+            why = compile_cache.compiles(vllm_config)
+            if why is not None:
+                logger.info("swarm: compile cache not carried: %s", why)
+                return None
             key = self.swarm_key(vllm_config, model_config)
             name = compile_cache.cache_name(compile_cache.cache_key(vllm_config, key.digest))
             config = self._node_config(model_name=name, rank=key.pp_rank * key.tp_size + key.tp_rank)
@@ -235,7 +239,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
                 max_bytes=self.options.compile_cache_max,
                 timeout_s=self.options.compile_cache_timeout_s,
             ).start()
-        except (SwarmError, OSError, RuntimeError) as e:
+        except Exception as e:  # the cache never fails a load
             logger.warning("swarm: compile cache not carried: %s: %s", type(e).__name__, e)
             return None
         return _CompileCache(
