@@ -81,8 +81,9 @@ from swarm.errors import (
     SwarmError,
 )
 from swarm.identity import Identity
-from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, content_digest, piece_checksums
+from swarm.manifest import Manifest, SwarmKey, content_digest, piece_checksums
 from swarm.scheduler import Cancel, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.transport import make_transport
 from swarm.transport.base import Events, Transport
 from swarm.transport.paths import Offer
 
@@ -206,34 +207,6 @@ class NodeConfig:
         if not 0 <= self.port_offset < 1024:
             raise ConfigError(f"port_offset must be in 0..1023, got {self.port_offset}")
 
-    def gpu_to_gpu(self, on_gpu: bool) -> bool:
-        """Whether pieces move GPU to GPU (a GPU transport, or "auto" with tensors in GPU memory)."""
-        return self.transport in ("nccl", "ipc") or (self.transport == "auto" and on_gpu)
-
-    def piece_size_for(self, on_gpu: bool) -> int:
-        """The piece size: explicit, else 256 MiB GPU to GPU (NCCL's measured choice; IPC copies are
-        faster still), else 64 MiB. A swarm's members must agree on it (it is part of the manifest)."""
-        if self.piece_size:
-            return self.piece_size
-        if self.gpu_to_gpu(on_gpu):
-            from swarm.transport.nccl import RECOMMENDED_PIECE_SIZE
-
-            return RECOMMENDED_PIECE_SIZE
-        return DEFAULT_PIECE_SIZE
-
-    def scheduler_for(self, on_gpu: bool) -> SchedulerConfig | None:
-        """The scheduler settings: explicit ones, else those for GPU links when pieces move GPU to GPU,
-        else the defaults."""
-        if self.scheduler is None and self.gpu_to_gpu(on_gpu):
-            if self.transport == "nccl":
-                from swarm.transport.nccl import recommended_scheduler
-
-                return recommended_scheduler()  # type: ignore[no-any-return]
-            from swarm.transport import ipc  # one host first: CUDA IPC's deeper pipelines
-
-            return ipc.recommended_scheduler()  # type: ignore[no-any-return]
-        return self.scheduler
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NodeConfig:
         """Defaults < environment (SWARM_*) < explicit overrides (None: not given). Bad values raise
@@ -252,6 +225,8 @@ class FetchReport:
     peer_names: dict[str, str]
     seconds: float
     total_bytes: int
+    #: the path (ipc, nccl, tcp) of each peer still connected at the end; a departed peer's is not kept
+    peer_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -259,9 +234,15 @@ class FetchReport:
 
     def describe(self) -> str:
         parts = ", ".join(
-            f"{self.peer_names.get(p, p)}: {b / 1e6:.1f} MB" for p, b in sorted(self.bytes_by_peer.items())
+            f"{self.peer_label(p)}: {b / 1e6:.1f} MB" for p, b in sorted(self.bytes_by_peer.items())
         )
         return f"{self.total_bytes / 1e6:.1f} MB in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) from {parts}"
+
+    def peer_label(self, peer: str) -> str:
+        """The peer's name, with its path when known: "host-a:47100 (ipc)"."""
+        name = self.peer_names.get(peer, peer)
+        path = self.peer_paths.get(peer)
+        return f"{name} ({path})" if path else name
 
 
 # --- what transport threads (and callers) tell the loop: typed events on one queue ---------------------
@@ -376,12 +357,19 @@ class Node:
         on_gpu = any(t.is_cuda for t in tensors.values())
         self.key = key
         self.tensors = tensors
-        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size_for(on_gpu))
+        c = self.config
+        self.transport = transport or make_transport(
+            c.transport, token=c.token, io_timeout_s=c.io_timeout_s, rate_cap=c.rate_cap
+        )
+        # The piece size and scheduler settings not configured are the transport's (measured per link).
+        piece_size = c.piece_size or self.transport.default_piece_size(on_gpu)
+        self.manifest = manifest or Manifest.from_tensors(tensors, piece_size)
         self.identity = Identity()
         self.id = self.identity.id
-        self.codec = P.Codec(self.config.token)
-        self.transport = transport or _make_transport(self.config)
-        self._scheduler_config = self.config.scheduler_for(on_gpu)
+        self.codec = P.Codec(c.token)
+        self._scheduler_config = (
+            c.scheduler if c.scheduler is not None else self.transport.default_scheduler(on_gpu)
+        )
         self.checksums: list[str] | None = piece_checksums(self.manifest, tensors) if complete else None
         self.complete = complete
         self._rng_seed = self.config.seed if self.config.seed is not None else random.randrange(1 << 30)
@@ -415,6 +403,7 @@ class Node:
         os.set_blocking(self._wake_w, False)
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._router: zmq.Socket[bytes] | None = None
+        self._guard: ConnectionGuard | None = None  # set here too, so a node never started can close
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._advertiser: Any = None
@@ -509,7 +498,8 @@ class Node:
             if p.bytes_from:
                 peers[p.id] = peers.get(p.id, 0) + p.bytes_from
         names = {pid: name for pid, (name, _) in gone.items()} | {p.id: p.name for p in live}
-        return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
+        paths = {p.id: self._path(p.id) for p in live if p.id in peers}
+        return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()), paths)
 
     def _past_deadline(self) -> StallError:
         """The deadline's error, built in the caller's thread from what it may read without the loop."""
@@ -592,7 +582,7 @@ class Node:
         router = self._ctx.socket(zmq.ROUTER)
         _limit_control_socket(router, self.frame_limit, self.config.peer_timeout_s)
         self._router = router  # closed by _teardown even when binding fails
-        self._guard: ConnectionGuard | None = None
+        self._guard = None
         addr = f"[{bind}]" if ":" in bind else bind
         if ":" in bind:
             router.setsockopt(zmq.IPV6, 1)
@@ -1751,21 +1741,3 @@ def _interface_address(interface: str) -> str:
                 return str(a.ip)
     names = ", ".join(f"{i.name} ({', '.join(str(a.ip) for a in i.addresses)})" for i in interfaces)
     raise ConfigError(f"no IPv4 address on interface {interface!r}", hint=f"available: {names or 'none'}")
-
-
-def _make_transport(config: NodeConfig) -> Transport:
-    if config.transport == "auto":
-        from swarm.transport.auto import AutoTransport
-
-        return AutoTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)
-    if config.transport == "ipc":
-        from swarm.transport.ipc import IpcTransport
-
-        return IpcTransport(io_timeout_s=config.io_timeout_s)
-    if config.transport == "nccl":
-        from swarm.transport.nccl import NcclTransport
-
-        return NcclTransport(token=config.token, rate_cap=config.rate_cap, io_timeout_s=config.io_timeout_s)
-    from swarm.transport.tcp import TcpTransport
-
-    return TcpTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)

@@ -382,7 +382,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
                 bar.close()
         self._timer.done("swarm", report.total_bytes)
         per_peer = ", ".join(
-            f"{report.peer_names.get(p, p)}: {_fmt_bytes(b)}" for p, b in sorted(report.bytes_by_peer.items())
+            f"{report.peer_label(p)}: {_fmt_bytes(b)}" for p, b in sorted(report.bytes_by_peer.items())
         )
         logger.info(
             "swarm: loaded %s from %d peer(s) in %.2f s (%.3f GB/s), 0 bytes from disk: %s",
@@ -397,6 +397,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
             bytes=report.total_bytes,
             bytes_by_peer=dict(report.bytes_by_peer),
             peer_names=dict(report.peer_names),
+            peer_paths=dict(report.peer_paths),
             seconds=report.seconds,
         )
         return None

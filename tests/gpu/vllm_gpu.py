@@ -41,9 +41,11 @@ GPU_ARGS = ["--attention-backend", "TRITON_ATTN", "--gpu-memory-utilization", "0
 
 
 class Run:
-    def __init__(self, out: Path, transport: str | None) -> None:
+    def __init__(self, out: Path, transport: str | None, token: str | None, expect_path: str | None) -> None:
         self.out = out
         self.transport = transport
+        self.token = token
+        self.expect_path = expect_path
         self.servers: list[VllmServer] = []
 
     def opts(self, port: int, peers: list[int], **kw: Any) -> dict[str, Any]:
@@ -62,7 +64,8 @@ class Run:
             name=name,
             eager=eager,
             extra_args=GPU_ARGS,
-            env={"VLLM_USE_FLASHINFER_SAMPLER": "0"},
+            # the token in the environment, as an operator would (never in vLLM's printed arguments)
+            env={"VLLM_USE_FLASHINFER_SAMPLER": "0", **({"SWARM_TOKEN": self.token} if self.token else {})},
         )
         self.servers.append(s)
         return s
@@ -82,6 +85,9 @@ def _loaded(log: str) -> dict[str, Any]:
     if m:
         out.update(source="swarm", size=m.group(1), peers=int(m.group(2)), seconds=float(m.group(3)))
         out["GBps"] = float(m.group(4))
+        # "0 bytes from disk: NAME (PATH): SIZE, ...": the path each peer's bytes took
+        tail = log[m.end() :].splitlines()[0] if log[m.end() :] else ""
+        out["paths"] = sorted(set(re.findall(r" \((ipc|nccl|tcp)\): ", tail)))
     m = re.search(r"swarm: loaded from disk; now seeding .* \(the disk load took ([\d.]+) s\)", log)
     if m:
         out.update(source="disk", seconds=float(m.group(1)))
@@ -149,6 +155,13 @@ def phase_big(run: Run, root: Path, hidden: int, layers: int) -> dict[str, Any]:
     same = [a.complete(p) for p in PROMPTS] == [b.complete(p) for p in PROMPTS]
     la, lb = _loaded(a.log()), _loaded(b.log())
     run.stop_all()
+    checks = {
+        "same_greedy_tokens": same,
+        "A_from_disk": la.get("source") == "disk",
+        "B_from_swarm": lb.get("source") == "swarm",
+    }
+    if run.expect_path:
+        checks[f"B_over_{run.expect_path}"] = lb.get("paths") == [run.expect_path]
     return {
         "phase": "big",
         "checkpoint_bytes": nbytes,
@@ -158,12 +171,8 @@ def phase_big(run: Run, root: Path, hidden: int, layers: int) -> dict[str, Any]:
         "weights_speedup_B_vs_A": round(la["seconds"] / lb["seconds"], 2)
         if la.get("seconds") and lb.get("seconds")
         else None,
-        "checks": {
-            "same_greedy_tokens": same,
-            "A_from_disk": la.get("source") == "disk",
-            "B_from_swarm": lb.get("source") == "swarm",
-        },
-        "ok": same and la.get("source") == "disk" and lb.get("source") == "swarm",
+        "checks": checks,
+        "ok": all(checks.values()),
     }
 
 
@@ -194,12 +203,18 @@ def main() -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--phases", default="1,2,3,4")
     p.add_argument("--transport", default=None, help="force a transport (default: the node's default)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="cluster token of every member (without one, a lone seed is believed after a 1 s vote)",
+    )
+    p.add_argument("--expect-path", default=None, help="phase 3 also checks that B's bytes took this path")
     p.add_argument("--big-hidden", type=int, default=2048)
     p.add_argument("--big-layers", type=int, default=40)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     root = Path("/tmp/vllm-gpu-models")
-    run = Run(a.out, a.transport)
+    run = Run(a.out, a.transport, a.token, a.expect_path)
     import vllm
 
     results: list[dict[str, Any]] = []
@@ -217,6 +232,7 @@ def main() -> int:
                 raise SystemExit(f"unknown phase {ph!r}")
             r["vllm"] = vllm.__version__
             r["transport"] = a.transport or "default"
+            r["token"] = bool(a.token)
             print(json.dumps(r), flush=True)
             results.append(r)
             (a.out / "vllm_gpu.json").write_text(json.dumps(results, indent=1))
