@@ -187,7 +187,7 @@ def phase_compile_cache(run: Run, root: Path) -> dict[str, Any]:
             where,
             run.out,
             extra_args=GPU_ARGS,
-            env={"VLLM_USE_FLASHINFER_SAMPLER": "0"},
+            env={"VLLM_USE_FLASHINFER_SAMPLER": "0", **({"SWARM_TOKEN": run.token} if run.token else {})},
             timeout=600,
             servers=run.servers,
             swarm=swarm,
