@@ -31,6 +31,11 @@ config), the torch version, the device (name and capability of a GPU), and the w
 (model identity, dtype, quantization, parallel layout and rank). Note: vLLM's config hash includes the
 model path as given, so instances share a compile cache only when they name the model by the same path.
 
+Trust: a compile cache is code that vLLM runs (Inductor's compiled kernels, Python wrappers, pickled
+graphs), not data: a member that may publish one may run code in every instance that loads it. So the
+cache travels only in a swarm with a cluster token (authenticated members: SWARM_TOKEN_FILE); in an open
+swarm it is neither fetched nor published, and the log says so once.
+
 Limits: an instance that loaded its own cache from disk (nothing new written) publishes nothing; one
 that set `compilation_config.cache_dir` is not carried (logged); with `--enforce-eager` (compilation mode
 NONE) there is nothing to carry.
@@ -61,6 +66,10 @@ POLL_S = 0.5
 #: at most this long for the archive itself (the index is looked for `compile_cache_timeout_s`)
 FETCH_DEADLINE_S = 300.0
 MARKERS = ("vllm_compile_cache.py",)
+OPEN_SWARM = (
+    "the swarm is open (no token): a compile cache is code that vLLM runs, so it travels only between "
+    "authenticated members; set SWARM_TOKEN_FILE (the same secret on every instance) to carry it"
+)
 
 
 def cache_root(env: dict[str, str] | None = None) -> Path:
@@ -152,6 +161,9 @@ class CacheFetch:
     def _run(self) -> None:
         from swarm.errors import ManifestMismatchError, NoSeedError
 
+        if not self.config.token:
+            self.error = OPEN_SWARM
+            return
         t0 = time.perf_counter()
         try:
             self.blob, self.seed = dircache.fetch(
@@ -209,6 +221,8 @@ class CacheWatcher:
         self._thread = threading.Thread(target=self._run, name="swarm-compile-cache-watch", daemon=True)
 
     def start(self) -> CacheWatcher:
+        if not self.config.token:  # CacheFetch has said why already
+            return self
         self._thread.start()
         return self
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from swarm import dircache
 from swarm.node import NodeConfig
 from tests.loopback import free_port, wait_until
 from vllm_plugin import compile_cache as cc
@@ -17,13 +18,13 @@ from vllm_plugin import compile_cache as cc
 H = "torch_aot_compile/ad396fc9"
 
 
-def _config(port: int, peers: list[int] | None = None) -> NodeConfig:
+def _config(port: int, peers: list[int] | None = None, token: str | None = "t" * 32) -> NodeConfig:
     return NodeConfig(
         host="127.0.0.1",
         mdns=False,
         control_port=port,
         peers=",".join(f"127.0.0.1:{p}" for p in peers) if peers else None,
-        token="t" * 32,
+        token=token,
         discovery_timeout_s=3.0,
     )
 
@@ -86,3 +87,39 @@ def test_nothing_published_means_one_line_and_no_cache(
     lines = [r.getMessage() for r in caplog.records if r.name == "vllm.swarm"]
     assert len(lines) == 1 and "not carried: none published" in lines[0] and "vLLM compiles" in lines[0]
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.timeout(60)
+def test_an_open_swarm_neither_fetches_nor_publishes_code(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compile cache is code vLLM runs: without a token nobody could be sure who published it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    pa = free_port()
+    watcher = cc.CacheWatcher(
+        a, set(), "rank_0_0", "compile-cache/open", _config(pa, token=None), max_bytes=10**7
+    )
+    _write(a, f"{H}/rank_0_0/model", b"aot artifact")
+    watcher.start()
+    try:
+        time.sleep(cc.QUIET_S + 2 * cc.POLL_S)
+        assert watcher.seed is None
+        # and an authenticated publisher's cache is not fetched by a member without the token either
+        seed = dircache.publish("compile-cache/open", "", dircache.pack(a, max_bytes=10**7), _config(pa))
+        try:
+            fetch = cc.CacheFetch(
+                b,
+                "compile-cache/open",
+                _config(free_port(), [pa], token=None),
+                max_bytes=10**7,
+                timeout_s=2.0,
+            )
+            with caplog.at_level("INFO", logger="vllm.swarm"):
+                assert fetch.start().join() is None
+            assert all(n.status()["bytes_out"] == 0 for n in seed.nodes)
+        finally:
+            seed.close()
+    finally:
+        watcher.close()
+    assert any("the swarm is open (no token)" in r.getMessage() for r in caplog.records)
+    assert not b.exists()

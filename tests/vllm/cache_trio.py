@@ -42,8 +42,13 @@ COMPILE_TOOK = re.compile(
 )
 
 
+#: a compile cache travels only in a swarm with a token (vllm_plugin.compile_cache: it is code)
+TOKEN = "cache-trio-" + "0" * 32
+
+
 def _opts(port: int, peers: list[int], **kw: Any) -> dict[str, Any]:
     o: dict[str, Any] = {"host": "127.0.0.1", "mdns": False, "control_port": port, "discovery_timeout_s": 3.0}
+    o["token"] = TOKEN
     if peers:
         o["peers"] = [f"127.0.0.1:{p}" for p in peers]
     return {**o, **kw}
