@@ -87,7 +87,8 @@ def compiles(vllm_config: Any) -> str | None:
     mode = getattr(cc, "mode", None)
     if mode is None:
         mode = getattr(cc, "level", None)
-    if mode is not None and int(mode) == 0:
+    eager = getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False)
+    if eager is True or (mode is not None and int(mode) == 0):
         return "vLLM does not compile (compilation mode NONE, e.g. --enforce-eager)"
     cache_dir = getattr(cc, "cache_dir", "")
     if cache_dir:

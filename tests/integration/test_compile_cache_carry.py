@@ -123,3 +123,14 @@ def test_an_open_swarm_neither_fetches_nor_publishes_code(
         watcher.close()
     assert any("the swarm is open (no token)" in r.getMessage() for r in caplog.records)
     assert not b.exists()
+
+
+def test_nothing_to_carry_when_vllm_does_not_compile() -> None:
+    from types import SimpleNamespace as NS
+
+    compiling = NS(compilation_config=NS(mode=3, cache_dir=""), model_config=NS(enforce_eager=False))
+    assert cc.compiles(compiling) is None
+    assert "does not compile" in str(cc.compiles(NS(compilation_config=NS(mode=0, cache_dir=""))))
+    eager = NS(compilation_config=NS(mode=3, cache_dir=""), model_config=NS(enforce_eager=True))
+    assert "does not compile" in str(cc.compiles(eager))
+    assert "cache_dir is set" in str(cc.compiles(NS(compilation_config=NS(mode=3, cache_dir="/x"))))
