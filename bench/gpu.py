@@ -13,7 +13,8 @@ no download. Cases (each with end-to-end time, communicator set-up included, and
 - broadcast: ncclBroadcast of every tensor to k leechers in one static group;
 - transport: k leechers fetch every piece from the seed through swarm.transport.nccl (piece signals,
   pipelining, GPU checksums) with a small stand-in control plane over multiprocessing queues;
-- swarm, swarm_staggered: real swarm.node processes (when swarm.node exists);
+- swarm, swarm_staggered: real swarm.node processes, one a GPU, over NCCL and (`swarm_ipc`,
+  `swarm_staggered_ipc`) over CUDA IPC between the GPUs (--swarm-transports);
 - disk: safetensors.torch.load_file of the same tensors from the page cache into the GPU;
 - checksum: swarm.manifest's checksum over the whole model, and a fused Triton kernel of the same
   function (values checked identical), in GB/s;
@@ -25,8 +26,10 @@ no download. Cases (each with end-to-end time, communicator set-up included, and
   through swarm.transport.ipc and copy plus verify the whole model, piece by piece on 4 streams, all at
   once; best of --ipc-rounds), and the swarm (seed + k leecher nodes, transport "auto", which picks CUDA
   IPC): end-to-end from the leechers' node start (static peers on loopback, handshake included) and
-  transfer-only (first copy to last verified piece, as the transport timed them); k = 1 and 3. Then a
-  bf16 matmul loop in the seed alone and while 3 leechers pull.
+  transfer-only (first copy to last verified piece, as the transport timed them); k = 1 and 3, with a
+  cluster token. Then k = 1 with a cold checksum kernel (`ipc_swarm_cold`), k = 3 with each leecher
+  knowing only the seed (`ipc_swarm_star`), and a bf16 matmul loop in the seed alone and while 3
+  leechers pull.
 
 Output: a table (ratios to the pair floor), and with --json a list of records with at least `case`,
 `leechers`, `bytes`, `e2e_s`, `transfer_s`.
@@ -63,14 +66,9 @@ import torch  # noqa: E402
 from swarm.manifest import Manifest, as_bytes, checksum_async, piece_checksums  # noqa: E402
 from swarm.protocol import Channel, Request, decode_payload, pack  # noqa: E402
 from swarm.transport.base import Events  # noqa: E402
-from swarm.transport.nccl import (  # noqa: E402
-    NCCL_IN_PROGRESS,
-    NCCL_SUCCESS,
-    Nccl,
-    NcclError,
-    NcclTransport,
-    fused_checksum_async,
-)
+from swarm.transport.gpu_checksum import fused_checksum_async  # noqa: E402
+from swarm.transport.nccl import NcclTransport  # noqa: E402
+from swarm.transport.nccl_binding import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl, NcclError  # noqa: E402
 from tests.loopback import free_port  # noqa: E402
 
 ALL_CASES = (
@@ -612,21 +610,32 @@ class Worker:
     # --- the swarm: real swarm.node processes over ZMQ on loopback, static peers --------------------------
 
     def swarm(
-        self, k: int, stagger_s: float, label: str, sched: str = "default", piece_mib: int = 64
+        self,
+        k: int,
+        stagger_s: float,
+        label: str,
+        sched: str = "default",
+        piece_mib: int = 64,
+        transport: str = "nccl",
     ) -> None:
-        """k leechers (ranks 1..k) fetch through swarm.node from the seed (rank 0) and each other;
-        leecher i starts (i - 1) x stagger_s after the first."""
+        """k leechers (ranks 1..k) fetch through swarm.node from the seed (rank 0) and each other over
+        `transport` ("nccl", or "ipc": each reads the others' GPU memory through CUDA IPC); leecher i
+        starts (i - 1) x stagger_s after the first."""
         from swarm.manifest import SwarmKey
         from swarm.node import Node, NodeConfig
+        from swarm.transport.ipc import IpcTransport
 
-        key = f"{label}/{sched}/{piece_mib}/{k}"
+        def make() -> Any:
+            return NcclTransport(self.device) if transport == "nccl" else IpcTransport(self.device)
+
+        key = f"{label}/{transport}/{sched}/{piece_mib}/{k}"
         ports = self.args.ports
         manifest = Manifest.from_tensors(self.tensors, piece_size=piece_mib << 20)
         members = range(k + 1)
         if self.rank != 0:
             poison(self.tensors)
         cfg = NodeConfig(
-            transport="nccl",
+            transport=transport,
             peers=",".join(f"127.0.0.1:{ports[j]}" for j in members if j != self.rank),
             host="127.0.0.1",
             control_port=ports[self.rank],
@@ -646,7 +655,7 @@ class Worker:
                 cfg,
                 complete=True,
                 manifest=manifest,
-                transport=NcclTransport(self.device),
+                transport=make(),
             ).start()
         self.coord.barrier(f"{key}/start")
         t_go = time.time()
@@ -665,7 +674,7 @@ class Worker:
                 cfg,
                 complete=False,
                 manifest=manifest,
-                transport=NcclTransport(self.device),
+                transport=make(),
             ).start()
             report = node.fetch(progress)
             t1 = time.time()
@@ -682,7 +691,7 @@ class Worker:
                         ("seed" if pid == self._seed_id(key) else pid): b
                         for pid, b in report.bytes_by_peer.items()
                     },
-                    "init_s": st["init_s"],
+                    "init_s": st.get("init_s", []),
                     "checksum": st["checksum"],
                     "fetch_s": report.seconds,
                 },
@@ -702,13 +711,15 @@ class Worker:
             rows = [self.coord.get(f"{key}/r{r}") for r in range(1, k + 1)]
             if (
                 label == "swarm"
+                and transport == self.args.swarm_transports[0]
                 and k == 1
                 and sched == "nvlink"
                 and piece_mib == max(self.args.swarm_piece_mib)
             ):
                 self.coord.set("swarm/single_e2e", rows[0]["end"] - rows[0]["start"])
             self.record(
-                case=label,
+                case=label if transport == "nccl" else f"{label}_{transport}",
+                transport=transport,
                 leechers=k,
                 bytes=self.bytes,
                 e2e_s=max(r["end"] - r["start"] for r in rows),
@@ -1091,16 +1102,18 @@ def worker_main(rank: int, world: int, port: int, inboxes: dict[str, Any], resul
                 for k in ks:
                     w.transport(k)
             elif case == "swarm":
-                for sched in args.sched:
-                    for mib in args.swarm_piece_mib:
-                        for k in ks:
-                            w.swarm(k, 0.0, "swarm", sched, mib)
+                for via in args.swarm_transports:
+                    for sched in args.sched:
+                        for mib in args.swarm_piece_mib:
+                            for k in ks:
+                                w.swarm(k, 0.0, "swarm", sched, mib, via)
             elif case == "swarm_staggered":  # needs 2 leechers or more
                 single = w.coord.maybe("swarm/single_e2e") or 0.5
-                for sched in args.sched:
-                    for mib in args.swarm_piece_mib:
-                        for k in ks[1:]:
-                            w.swarm(k, args.stagger_s or 0.3 * single, "swarm_staggered", sched, mib)
+                for via in args.swarm_transports:
+                    for sched in args.sched:
+                        for mib in args.swarm_piece_mib:
+                            for k in ks[1:]:
+                                w.swarm(k, args.stagger_s or 0.3 * single, "swarm_staggered", sched, mib, via)
             elif case == "serving":
                 w.serving(args.serve_seconds)
             elif case == "binding":
@@ -1176,6 +1189,9 @@ def _nvlink_scheduler() -> Any:
 
 
 NVLINK_SCHEDULER: Any = None
+
+#: The cluster token of the bench's swarms (an open swarm would add its lone-seed vote to every start).
+BENCH_TOKEN = "bench-cluster-token"
 
 
 class ControlTransport(NcclTransport):
@@ -1297,7 +1313,7 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
             device = torch.device("cuda", 0)
             torch.cuda.set_device(device)
             tensors = make_model(llama_spec(), device, random=True, seed=77)  # the same bytes everywhere
-            from swarm.transport.nccl import fused_checksum_works
+            from swarm.transport.nccl import fused_checksum_works  # also in older checkouts
 
             fused_checksum_works(device)  # compile the kernel here, not inside the first timed fetch
             torch.cuda.synchronize()
@@ -1340,7 +1356,8 @@ def control_main(rank: int, world: int, port: int, ports: list[int], results: An
                     discovery_timeout_s=20.0,
                     stall_timeout_s=30.0,
                     deadline_s=120.0,
-                    # on the CPU as on the GPU: NodeConfig gives the nccl transport these by default
+                    token=BENCH_TOKEN,
+                    # on the CPU as on the GPU: NcclTransport gives the node these by default
                     scheduler=NVLINK_SCHEDULER if sched == "nvlink" or cpu else None,
                 )
                 skey = SwarmKey(model_id=f"control-{piece_mib}", dtype="bfloat16", engine="bench")
@@ -1587,21 +1604,32 @@ def _ipc_primitive(args: Any, ks: list[int], piece_mib: int) -> list[dict[str, A
 
 
 def _ipc_swarm(
-    args: Any, k: int, piece_mib: int, *, matmul_s: float = 0.0, warm: bool = True
+    args: Any, k: int, piece_mib: int, *, matmul_s: float = 0.0, warm: bool = True, star: bool = False
 ) -> list[dict[str, Any]]:
     """Seed + k leecher processes; `warm`: each leecher builds the fused checksum kernel (Triton) before
-    its node starts, as a process that already ran one would (else the first node start pays it)."""
+    its node starts, as a process that already ran one would (else the first node start pays it);
+    `star`: each leecher knows only the seed (no leecher-to-leecher copies), to tell what the mesh costs
+    on one GPU, where every source reads the same memory."""
     from tests.gpu.members import Members
 
     m = Members()
     ports = [free_port() for _ in range(k + 1)]
-    base = {"ports": ports, "model": "llama8b", "seed": 77, "piece_mib": piece_mib, "warm_checksum": warm}
+    base = {
+        "ports": ports,
+        "model": "llama8b",
+        "seed": 77,
+        "piece_mib": piece_mib,
+        "warm_checksum": warm,
+        # with a cluster token, as docs/operations.md asks: an open swarm's lone seed is believed only
+        # after the 1 s vote (node.py _OPEN_QUORUM_S), which the end-to-end time would otherwise measure
+        "node": {"token": BENCH_TOKEN},
+    }
     out: list[dict[str, Any]] = []
     try:
         m.start({**base, "rank": 0, "role": "seed", "peers": [], "matmul_s": matmul_s})
         m.event(0, "ready", 300)
         for r in range(1, k + 1):
-            peers = [j for j in range(k + 1) if j != r]
+            peers = [0] if star else [j for j in range(k + 1) if j != r]
             m.start(
                 {
                     **base,
@@ -1626,7 +1654,7 @@ def _ipc_swarm(
         nbytes = rows[0]["bytes"]
         out.append(
             {
-                "case": "ipc_swarm" if warm else "ipc_swarm_cold",
+                "case": "ipc_swarm" + ("" if warm else "_cold") + ("_star" if star else ""),
                 "leechers": k,
                 "bytes": nbytes,
                 "e2e_s": max(x["end"] - x["start"] for x in rows),
@@ -1639,6 +1667,8 @@ def _ipc_swarm(
                         "first_copy": x["stats"]["ipc"]["first_copy_t"] - x["start"],
                         "last_verified": x["stats"]["ipc"]["last_verified_t"] - x["start"],
                         "end": x["end"] - x["start"],
+                        # inside `started`: each transport's bind (in `made`) and open
+                        **{f"setup.{n}": v for n, v in x["stats"].get("setup_s", {}).items()},
                     }
                     for x in rows
                 ],
@@ -1690,6 +1720,8 @@ def run_ipc(args: Any) -> list[dict[str, Any]]:
         for k in ks:
             records += _ipc_swarm(args, k, mib)
     records += _ipc_swarm(args, min(ks), args.ipc_piece_mib[0], warm=False)
+    if max(ks) > 1:
+        records += _ipc_swarm(args, max(ks), args.ipc_piece_mib[0], star=True)
     records += _ipc_swarm(args, max(ks), args.ipc_piece_mib[0], matmul_s=120.0)
     prim = {(r["leechers"], r["piece_mib"]): r for r in records if r["case"] == "ipc_primitive"}
     for r in records:
@@ -1711,10 +1743,12 @@ def run_ipc(args: Any) -> list[dict[str, Any]]:
 
 def run(args: Any) -> list[dict[str, Any]]:
     world = args.gpus or torch.cuda.device_count()
-    if world < 2 and any(
-        c in args.cases for c in ("pair", "naive", "broadcast", "transport", "serving", "binding")
-    ):
-        raise SystemExit(f"{world} GPU(s): the transfer cases need at least 2")
+    multi = ("pair", "naive", "broadcast", "transport", "serving", "binding", "swarm", "swarm_staggered")
+    if world < 2 and any(c in args.cases for c in multi):
+        raise SystemExit(
+            f"{world} GPU(s): the cases {', '.join(c for c in args.cases if c in multi)} need at least 2 "
+            "(on one GPU: --cases ipc,control)"
+        )
     args.ports = [free_port() for _ in range(world)]
     inboxes = {f"r{r}": mp.get_context("spawn").Queue() for r in range(world)}
     return run_ranks(worker_main, world, inboxes, args)
@@ -1806,6 +1840,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--swarm-piece-mib", default="64,256", help="swarm cases: piece sizes to try (MiB)")
     ap.add_argument(
+        "--swarm-transports", default="nccl,ipc", help="swarm cases: transports to run them over (nccl, ipc)"
+    )
+    ap.add_argument(
         "--ipc-piece-mib", default="256,1024", help="ipc: piece sizes (MiB); the first is the default"
     )
     ap.add_argument("--ipc-rounds", type=int, default=3, help="ipc: rounds of the primitive (best kept)")
@@ -1819,6 +1856,9 @@ def main(argv: list[str] | None = None) -> int:
     args.control_sched = ["default", "nvlink"] if args.control_sched == "both" else [args.control_sched]
     args.sched = ["default", "nvlink"] if args.sched == "both" else [args.sched]
     args.swarm_piece_mib = [int(x) for x in str(args.swarm_piece_mib).split(",") if x]
+    args.swarm_transports = [x for x in str(args.swarm_transports).split(",") if x]
+    if not args.swarm_transports or set(args.swarm_transports) - {"nccl", "ipc"}:
+        ap.error(f"--swarm-transports: nccl and/or ipc, not {args.swarm_transports}")
     args.ipc_leechers = [int(x) for x in str(args.ipc_leechers).split(",") if x]
     args.ipc_piece_mib = [int(x) for x in str(args.ipc_piece_mib).split(",") if x]
     unknown = set(args.cases) - set(ALL_CASES)

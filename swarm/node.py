@@ -14,22 +14,20 @@ most MAX_PEERS peers (more get Error("busy")), MAX_DIALS dials and MAX_CANDIDATE
 control sockets take frames up to `control_frame_limit` (from this node's own manifest) and queue
 CONTROL_RCVHWM per connection; swarm.control_guard ends strangers' idle connections.
 
-Handshake on a link: first a session (swarm/protocol.py `Session`: nonces, Ed25519 keys, with a token
-MACs), so every frame is bound to its link and each end knows the other's id for certain; a Hello under
-another id than the session's is refused. Then both sides send Hello (swarm key, manifest digest, content
-digest, data-plane parameters). A different swarm key is refused with an `Error("wrong_key")`; a
-different manifest is fetched (`ManifestQuery`) only to report a readable difference, then refused. A
-`ManifestReply` is read only as the answer to our own query, and compared in wire form (never cut into
-pieces). A leecher without piece checksums takes them, with a token, from the first peer whose content
-digest matches its manifest; without one (an open swarm), only for the content digest a strict majority
-of the members it met announce, and it fails the fetch with `ManifestMismatchError` when none has one
-(docs/reliability.md, threat model). A peer is *accepted* (known to the scheduler) only after these
-checks. Pieces are checked against the checksums before they are announced (Have) or served.
+Peers: what a frame on a link means is decided by swarm/session.py (`Members`, sans-IO): the session
+handshake (nonces, Ed25519 keys, with a token MACs), the Hello checks (swarm key, manifest, content,
+a data path in common chosen per pair, the peer cap), the checksums a leecher adopts (with a token from
+the first matching peer; in an open swarm only by majority, failing the fetch with
+`ManifestMismatchError` when none has one; docs/reliability.md, threat model), and each peer's state
+(checking, accepted, refused). It returns actions; this module owns the sockets and carries them out
+(`_execute`): frames onto sockets, dials closed, an accepted peer joined to the scheduler and its data
+channel set up, an accepted peer's piece messages applied to the scheduler and the transport. Pieces
+are checked against the checksums before they are announced (Have) or served.
 
 Control plane: piece events leave in batches. Within one turn of the loop (everything read from the
 sockets and the transport's queue, then one scheduler tick), the haves of the pieces verified, the
 hand-out hints, and each peer's requests, cancels, completion signals and refusals of its requests are
-collected, and each peer gets one `Batch` frame at the end of the turn (`_flush`), so the cost per
+collected (swarm/outbox.py), and each peer gets one `Batch` frame at the end of the turn, so the cost per
 piece of the control plane falls with the load (and a frame of requests is answered by one frame).
 The loop sleeps until a socket, the transport or the scheduler's own next timeout
 (`Scheduler.next_timeout`) needs it, and housekeeping (pings, dials, fetch supervision) every 0.25 s.
@@ -57,7 +55,6 @@ import random
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -68,23 +65,22 @@ import zmq
 from swarm import metrics as _metrics
 from swarm import options as _opt
 from swarm import protocol as P
+from swarm import session as S
 from swarm.control_guard import ConnectionGuard
 from swarm.errors import (
-    AuthError,
     ConfigError,
     FetchError,
-    ManifestError,
     ManifestMismatchError,
     NoSeedError,
-    ProtocolError,
     StallError,
     SwarmError,
 )
 from swarm.identity import Identity
-from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, SwarmKey, content_digest, piece_checksums
+from swarm.manifest import Manifest, SwarmKey, piece_checksums
+from swarm.outbox import Outbox
 from swarm.scheduler import Cancel, HandedOut, Refuse, Request, Scheduler, SchedulerConfig, Serve
+from swarm.transport import make_transport
 from swarm.transport.base import Events, Transport
-from swarm.transport.paths import Offer
 
 log = logging.getLogger("swarm.node")
 
@@ -92,11 +88,7 @@ Progress = Callable[[int, int], None]
 _HOUSEKEEPING_S = 0.25
 _DISCOVERY_POLL_S = 0.02
 _DIAL_BACKOFF_S = 2.0
-_MAX_PEX = 32
-_MAX_PROTOCOL_ERRORS = 20
-#: Error codes by which a member of another swarm (or layout) refuses our Hello.
-_REFUSAL_CODES = ("wrong_key", "wrong_transport")
-_MAX_MISMATCHES = 256
+_MAX_PEX = S.MAX_PEX
 #: Peers (accepted or being checked) a node keeps at most; more are answered Error("busy"). Like
 #: BitTorrent's peer limit: in a swarm of thousands every member talks to a bounded, random subset, and
 #: pieces still reach everyone through the mesh. Bounds what insiders can make a node hold per peer
@@ -116,7 +108,6 @@ CONTROL_RCVHWM = 8
 #: _HEARTBEAT_IVL_MS and dropped when nothing came back within the node's peer timeout.
 _HANDSHAKE_IVL_MS = 5000
 _HEARTBEAT_IVL_MS = 2000
-_MAX_BAD_IDENTS = 4096
 
 
 def control_frame_limit(manifest: Manifest) -> int:
@@ -142,15 +133,9 @@ def _limit_control_socket(sock: zmq.Socket[bytes], frame_limit: int, peer_timeou
     sock.setsockopt(zmq.HEARTBEAT_TTL, int(peer_timeout_s * 1000))
 
 
-#: Sessions of the control port that belong to no accepted peer (handshakes in progress, `swarm status`
-#: clients): the oldest are forgotten past this many, so a flood of handshakes costs bounded memory.
-_MAX_LOOSE_SESSIONS = 1024
 #: Open swarm (no token): how long a leecher collects the content digests of the members it meets before
 #: it takes the checksums of a digest that only one member holds (two agreeing members need no wait).
 _OPEN_QUORUM_S = 1.0
-_MAX_VOTES = 1024
-#: distinct checksum lists kept while undecided (each as long as the manifest's piece count)
-_MAX_OFFERED = 16
 
 
 TRANSPORTS = _opt.TRANSPORTS
@@ -206,34 +191,6 @@ class NodeConfig:
         if not 0 <= self.port_offset < 1024:
             raise ConfigError(f"port_offset must be in 0..1023, got {self.port_offset}")
 
-    def gpu_to_gpu(self, on_gpu: bool) -> bool:
-        """Whether pieces move GPU to GPU (a GPU transport, or "auto" with tensors in GPU memory)."""
-        return self.transport in ("nccl", "ipc") or (self.transport == "auto" and on_gpu)
-
-    def piece_size_for(self, on_gpu: bool) -> int:
-        """The piece size: explicit, else 256 MiB GPU to GPU (NCCL's measured choice; IPC copies are
-        faster still), else 64 MiB. A swarm's members must agree on it (it is part of the manifest)."""
-        if self.piece_size:
-            return self.piece_size
-        if self.gpu_to_gpu(on_gpu):
-            from swarm.transport.nccl import RECOMMENDED_PIECE_SIZE
-
-            return RECOMMENDED_PIECE_SIZE
-        return DEFAULT_PIECE_SIZE
-
-    def scheduler_for(self, on_gpu: bool) -> SchedulerConfig | None:
-        """The scheduler settings: explicit ones, else those for GPU links when pieces move GPU to GPU,
-        else the defaults."""
-        if self.scheduler is None and self.gpu_to_gpu(on_gpu):
-            if self.transport == "nccl":
-                from swarm.transport.nccl import recommended_scheduler
-
-                return recommended_scheduler()  # type: ignore[no-any-return]
-            from swarm.transport import ipc  # one host first: CUDA IPC's deeper pipelines
-
-            return ipc.recommended_scheduler()  # type: ignore[no-any-return]
-        return self.scheduler
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NodeConfig:
         """Defaults < environment (SWARM_*) < explicit overrides (None: not given). Bad values raise
@@ -252,6 +209,8 @@ class FetchReport:
     peer_names: dict[str, str]
     seconds: float
     total_bytes: int
+    #: the path (ipc, nccl, tcp) of each peer still connected at the end; a departed peer's is not kept
+    peer_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -259,9 +218,15 @@ class FetchReport:
 
     def describe(self) -> str:
         parts = ", ".join(
-            f"{self.peer_names.get(p, p)}: {b / 1e6:.1f} MB" for p, b in sorted(self.bytes_by_peer.items())
+            f"{self.peer_label(p)}: {b / 1e6:.1f} MB" for p, b in sorted(self.bytes_by_peer.items())
         )
         return f"{self.total_bytes / 1e6:.1f} MB in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) from {parts}"
+
+    def peer_label(self, peer: str) -> str:
+        """The peer's name, with its path when known: "host-a:47100 (ipc)"."""
+        name = self.peer_names.get(peer, peer)
+        path = self.peer_paths.get(peer)
+        return f"{name} ({path})" if path else name
 
 
 # --- what transport threads (and callers) tell the loop: typed events on one queue ---------------------
@@ -312,53 +277,6 @@ class _Dns:
 _Event = _Received | _Failed | _Sent | _Closed | _Notify | _Complete | _Dns
 
 
-@dataclass
-class _Outbox:
-    """One peer's share of the next `Batch` (insertion-ordered: requests leave in the scheduler's order)."""
-
-    cancel: dict[int, None] = field(default_factory=dict)
-    request: dict[int, None] = field(default_factory=dict)
-    sent: list[int] = field(default_factory=list)
-    busy: dict[int, None] = field(default_factory=dict)  # answers to its requests: ask later/elsewhere
-    refused: dict[int, None] = field(default_factory=dict)  # ... and: not held
-
-
-@dataclass
-class _Dial:
-    host: str
-    port: int
-    sock: zmq.Socket[bytes]
-    started: float
-    session: P.Session
-    peer: str | None = None
-
-
-@dataclass
-class _Peer:
-    id: str
-    hello: P.Hello
-    dials: list[_Dial] = field(default_factory=list)
-    idents: set[bytes] = field(default_factory=set)
-    hosts: list[str] = field(default_factory=list)
-    accepted: bool = False
-    refused: str = ""
-    data_connected: bool = False
-    last_seen: float = 0.0
-    last_sent: float = 0.0
-    bytes_from: int = 0
-    bytes_to: int = 0
-    failures: int = 0
-    #: pieces announced before the peer was accepted (a Bitfield can overtake our manifest check)
-    early_have: set[int] = field(default_factory=set)
-    #: a ManifestQuery to this peer awaits its answer: the only state in which a ManifestReply is read
-    manifest_asked: bool = False
-
-    @property
-    def name(self) -> str:
-        host = self.hosts[0] if self.hosts else "?"
-        return f"{self.id}@{host}"
-
-
 class Node:
     """A swarm member holding one rank's tensors. See the module docstring for the rules."""
 
@@ -376,45 +294,51 @@ class Node:
         on_gpu = any(t.is_cuda for t in tensors.values())
         self.key = key
         self.tensors = tensors
-        self.manifest = manifest or Manifest.from_tensors(tensors, self.config.piece_size_for(on_gpu))
+        c = self.config
+        self.transport = transport or make_transport(
+            c.transport, token=c.token, io_timeout_s=c.io_timeout_s, rate_cap=c.rate_cap
+        )
+        # The piece size and scheduler settings not configured are the transport's (measured per link).
+        piece_size = c.piece_size or self.transport.default_piece_size(on_gpu)
+        self.manifest = manifest or Manifest.from_tensors(tensors, piece_size)
         self.identity = Identity()
         self.id = self.identity.id
-        self.codec = P.Codec(self.config.token)
-        self.transport = transport or _make_transport(self.config)
-        self._scheduler_config = self.config.scheduler_for(on_gpu)
-        self.checksums: list[str] | None = piece_checksums(self.manifest, tensors) if complete else None
+        self.codec = P.Codec(c.token)
+        self._scheduler_config = (
+            c.scheduler if c.scheduler is not None else self.transport.default_scheduler(on_gpu)
+        )
+        #: links and peers, the handshake and the checks that accept or refuse a peer (swarm/session.py)
+        self.members = S.Members(
+            identity=self.identity,
+            codec=self.codec,
+            key=key,
+            manifest=self.manifest,
+            checksums=piece_checksums(self.manifest, tensors) if complete else None,
+            transport=self.transport.name,
+            choose=self.transport.choose,
+            max_peers=MAX_PEERS,
+            quorum_s=min(_OPEN_QUORUM_S, c.discovery_timeout_s / 2),
+        )
         self.complete = complete
         self._rng_seed = self.config.seed if self.config.seed is not None else random.randrange(1 << 30)
         self.scheduler = self._new_scheduler(complete)
         self.started_at = time.time()
-        self._peers: dict[str, _Peer] = {}
-        self._by_ident: dict[bytes, str] = {}
-        self._sessions: OrderedDict[bytes, P.Session] = OrderedDict()
-        self._dials: dict[zmq.Socket[bytes], _Dial] = {}
+        self._dials: dict[zmq.Socket[bytes], S.Link] = {}
         self._dial_after: dict[tuple[str, int], float] = {}
         self._candidates: dict[tuple[str, int], str] = {}
         self._pex_candidates: set[tuple[str, int]] = set()
         self._next_rotation = 0.0
-        self._shunned: dict[str, float] = {}
         self.frame_limit = control_frame_limit(self.manifest)
         self._seen_generation = self._seen_candidates = 0
-        self._mismatches: dict[str, str] = {}
-        #: open swarm: the content digest each member of our manifest announced (peer id -> digest), the
-        #: checksums offered for each digest (from answers to our queries), when the first vote came
-        self._votes: dict[str, str] = {}
-        self._offered: dict[str, list[str]] = {}
-        self._first_vote: float | None = None
-        self._bad_idents: dict[bytes, int] = {}
         self._events: queue.Queue[_Event] = queue.Queue()
         # this turn's outgoing piece events (see _flush)
-        self._out_have: list[int] = []
-        self._out_handed: list[int] = []
-        self._out: dict[str, _Outbox] = {}
+        self._outbox = Outbox()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._router: zmq.Socket[bytes] | None = None
+        self._guard: ConnectionGuard | None = None  # set here too, so a node never started can close
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._advertiser: Any = None
@@ -447,6 +371,19 @@ class Node:
     @property
     def role(self) -> str:
         return "seed" if self.complete else "leecher"
+
+    @property
+    def checksums(self) -> list[str] | None:
+        """The checksum of every piece: known from the start (a seed), or adopted from peers."""
+        return self.members.checksums
+
+    @property
+    def _peers(self) -> dict[str, S.Peer]:
+        return self.members.peers
+
+    @property
+    def _mismatches(self) -> dict[str, str]:
+        return self.members.mismatches
 
     def start(self) -> Node:
         """Bind the control and data ports, advertise, and start serving in the background."""
@@ -509,7 +446,8 @@ class Node:
             if p.bytes_from:
                 peers[p.id] = peers.get(p.id, 0) + p.bytes_from
         names = {pid: name for pid, (name, _) in gone.items()} | {p.id: p.name for p in live}
-        return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()))
+        paths = {p.id: self._path(p.id) for p in live if p.id in peers}
+        return FetchReport(peers, names, time.monotonic() - self._fetch_started, sum(peers.values()), paths)
 
     def _past_deadline(self) -> StallError:
         """The deadline's error, built in the caller's thread from what it may read without the loop."""
@@ -592,7 +530,7 @@ class Node:
         router = self._ctx.socket(zmq.ROUTER)
         _limit_control_socket(router, self.frame_limit, self.config.peer_timeout_s)
         self._router = router  # closed by _teardown even when binding fails
-        self._guard: ConnectionGuard | None = None
+        self._guard = None
         addr = f"[{bind}]" if ":" in bind else bind
         if ":" in bind:
             router.setsockopt(zmq.IPV6, 1)
@@ -617,6 +555,8 @@ class Node:
                 hint="choose another SWARM_PORT, or leave it unset",
             ) from e
         self._guard = ConnectionGuard(router, self._ctx, self.control_port)
+        self.members.offer = self.transport.offer()
+        self.members.data = {**self.data_params, "addrs": self.addresses[:8], "ctl": self.control_port}
         for host, port in discovery.static_peers(self.config.peers) if self.config.peers else []:
             self._candidates[(host, port)] = ""
         self._start_dns()
@@ -790,137 +730,88 @@ class Node:
                 continue
             ident, frame = parts[0].bytes, parts[1].bytes
             fd = parts[1].get(zmq.SRCFD)
-            if self._bad_idents.get(ident, 0) >= _MAX_PROTOCOL_ERRORS:
+            link = self.members.listened(ident)
+            if link is None:  # cut off after too many bad frames
                 continue
-            peer_id = self._by_ident.get(ident)
-            session = self._session_of(ident)
-            try:
-                msg, answer = session.receive(frame, len(self.manifest.pieces))
-            except ProtocolError as e:
-                if len(self._bad_idents) >= _MAX_BAD_IDENTS:
-                    self._bad_idents.clear()  # bounded; a client cut off long ago may talk again
-                self._bad_idents[ident] = self._bad_idents.get(ident, 0) + 1
-                self._router.send_multipart([ident, session.encode(P.Error("protocol", str(e)[:500]))])
-                continue
-            if self._guard is not None:
+            actions = self.members.receive(link, frame, now)
+            if self._guard is not None and not any(isinstance(a, S.Rejected) for a in actions):
                 self._guard.seen(fd, ident, now)
-            if answer is not None:
-                self._router.send_multipart([ident, answer], zmq.NOBLOCK)
-            if msg is not None:
-                self._handle(msg, now, ident=ident, peer_id=peer_id, session=session)
+            self._execute(actions, now)
 
-    def _session_of(self, ident: bytes) -> P.Session:
-        session = self._sessions.get(ident)
-        if session is None:
-            session = self._sessions[ident] = P.Session(self.codec, self.identity, dialer=False)
-            loose = [i for i in self._sessions if i not in self._by_ident]
-            for old in loose[: max(0, len(loose) - _MAX_LOOSE_SESSIONS)]:
-                del self._sessions[old]
-        return session
-
-    def _read_dial(self, dial: _Dial, now: float) -> None:
+    def _read_dial(self, link: S.Link, now: float) -> None:
         for _ in range(1000):
             try:
-                frame = dial.sock.recv(zmq.NOBLOCK)
+                frame = link.handle.recv(zmq.NOBLOCK)  # type: ignore[attr-defined]
             except zmq.Again:
                 return
-            session = dial.session
-            try:
-                msg, answer = session.receive(frame, len(self.manifest.pieces))
-            except ProtocolError as e:
-                log.warning("dropping link to %s:%d: %s", dial.host, dial.port, e)
-                if isinstance(e, AuthError):
-                    self._note_mismatch(f"{dial.host}:{dial.port}", str(e))
-                self._close_dial(dial, backoff=True)
-                return
-            if answer is not None:  # the handshake is done: say who we are
-                dial.sock.send(answer, zmq.NOBLOCK)
-                dial.sock.send(session.encode(self._hello()), zmq.NOBLOCK)
-            if msg is None:
-                continue
-            if not session.established:  # an unauthenticated refusal of our handshake
-                log.warning(
-                    "%s:%d refused the session: %s", dial.host, dial.port, getattr(msg, "message", msg)
-                )
-                self._note_mismatch(
-                    f"{dial.host}:{dial.port}", f"refused the session: {getattr(msg, 'message', '')}"
-                )
-                self._close_dial(dial, backoff=True)
-                return
-            self._handle(msg, now, dial=dial, peer_id=dial.peer, session=session)
-            if dial.sock not in self._dials:
+            self._execute(self.members.receive(link, frame, now), now)
+            if link.closed:
                 return
 
-    # --- handling ---------------------------------------------------------------------------------
+    # --- carrying out what the session decided ------------------------------------------------------
 
-    def _handle(
-        self,
-        msg: P.Message,
-        now: float,
-        *,
-        ident: bytes | None = None,
-        dial: _Dial | None = None,
-        peer_id: str | None = None,
-        session: P.Session | None = None,
-    ) -> None:
-        if isinstance(msg, P.StatusQuery):
-            self._reply(ident, dial, P.StatusReply(self.status()))
-            return
-        if isinstance(msg, P.Hello):
-            if session is None or msg.peer_id != session.peer_id:
-                # Ids are proven by the session's handshake: nobody speaks for another member.
-                self._reply(
-                    ident, dial, P.Error("protocol", "Hello's peer id is not the one of the session's key")
-                )
-                return
-            self._on_hello(msg, now, ident, dial)
-            return
-        peer = self._peers.get(peer_id) if peer_id else None
-        if peer is None:
-            if isinstance(msg, P.Ping):
-                self._reply(ident, dial, P.Ping())
-            elif isinstance(msg, P.Error) and dial is not None and msg.code == "busy":
-                self._close_dial(dial, backoff=True)
-                self._dial_after[(dial.host, dial.port)] = now + _BUSY_BACKOFF_S
-            elif isinstance(msg, P.Error) and dial is not None and msg.code in _REFUSAL_CODES:
-                # A member of another swarm answered our Hello: remember why, for the fetch's error.
-                self._note_mismatch(f"{dial.host}:{dial.port}", msg.message)
-                log.warning("not using %s:%d: %s", dial.host, dial.port, msg.message)
-                self._close_dial(dial, backoff=False, forever=True)
-            elif not isinstance(msg, (P.Error, P.Goodbye)):
-                self._reply(ident, dial, P.Error("hello_first", "send Hello before anything else"))
-            return
-        peer.last_seen = now
-        if isinstance(msg, P.Ping):
-            if ident is not None:
-                self._reply(ident, None, P.Ping())
-        elif isinstance(msg, P.ManifestQuery):
-            if self.checksums is None:
-                self._send(peer, P.Error("no_manifest", "this node has no checksums yet"), now)
+    def _execute(self, actions: list[S.Action], now: float) -> None:
+        """Carry out the session's actions (swarm/session.py), in order."""
+        for a in actions:
+            if isinstance(a, S.Send):
+                self._put(a)
+            elif isinstance(a, S.Close):
+                self._close_dial(a.link, backoff=a.retry != "never", forever=a.retry == "never")
+                if a.retry == "busy":
+                    self._dial_after[a.link.addr] = now + _BUSY_BACKOFF_S
+            elif isinstance(a, S.Deliver):
+                self._on_peer_message(a.peer, a.msg, now)
+            elif isinstance(a, S.ToTransport):
+                self.transport.on_message(a.peer.id, a.msg)
+            elif isinstance(a, S.StatusAsked):
+                self._execute(self.members.reply(a.link, P.StatusReply(self.status())), now)
+            elif isinstance(a, S.Met):
+                if a.link.dialer:
+                    self._candidates[a.link.addr] = a.peer.id
+                    self._pex_candidates.discard(a.link.addr)
+                self._learn_pex(a.peer.hello)
+            elif isinstance(a, S.BitfieldWanted):
+                bits = P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces))
+                self._execute(self.members.reply(a.link, bits), now)
+            elif isinstance(a, S.Accepted):
+                self.scheduler.peer_joined(a.peer.id, now)
+                if a.early_have:
+                    self.scheduler.peer_bitfield(a.peer.id, a.early_have, now)
+                # Set the data channel up now, so that it is ready by the time the first request goes
+                # out (NCCL communicators take a fraction of a second).
+                self._maybe_connect_data(a.peer)
+                self._send(a.peer, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)), now)
+            elif isinstance(a, S.Refused):
+                log.warning("not using peer %s: %s", a.peer.name, a.why)
+                if a.was_accepted:
+                    self.transport.drop(a.peer.id)
+                    self._apply(self.scheduler.peer_left(a.peer.id, now), now)
+            elif isinstance(a, S.Adopted):
+                self.transport.set_checksums(a.checksums)
+            elif isinstance(a, S.Disagreement):
+                if self._fetching and not self.complete:
+                    self._fail_fetch(a.error)
+            elif isinstance(a, S.Left):
+                self._drop_peer(a.peer, a.why, now)
+
+    def _put(self, send: S.Send) -> None:
+        """One frame onto its link's socket; a full queue drops it (the peer's timeouts recover)."""
+        link = send.link
+        try:
+            if link.dialer:
+                if link.handle in self._dials:
+                    link.handle.send(send.frame(), zmq.NOBLOCK)  # type: ignore[attr-defined]
             else:
-                self._send(peer, P.ManifestReply(self.manifest.to_wire(), self.checksums), now)
-        elif isinstance(msg, P.ManifestReply):
-            if not peer.manifest_asked:  # unsolicited or repeated: not worth a look
-                log.debug("ignoring a manifest from %s that was not asked for", peer.name)
-                return
-            peer.manifest_asked = False
-            self._on_manifest(peer, msg, now)
-        elif not peer.accepted:
-            if isinstance(msg, P.Error):
-                self._on_error(peer, msg, now)
-            elif isinstance(msg, (P.Channel, P.Sent)) and not peer.refused:
-                # A transport may set its channel up while the manifest check is still running.
-                self.transport.on_message(peer.id, msg)
-            elif isinstance(msg, P.Bitfield):
-                peer.early_have = set(msg.pieces())
-            elif isinstance(msg, P.Have):
-                peer.early_have.add(msg.piece)
-            elif isinstance(msg, P.Batch) and not peer.refused:
-                peer.early_have.update(msg.have)
-                for piece in msg.sent:
-                    self.transport.on_message(peer.id, P.Sent(piece, True))
-            return
-        elif isinstance(msg, P.Batch):
+                assert self._router is not None
+                self._router.send_multipart([link.handle, send.frame()], zmq.NOBLOCK)  # type: ignore[list-item]
+        except zmq.Again:
+            log.warning("control queue to %s is full; dropping %s", link.peer or link.handle, send.what)
+        except zmq.ZMQError as e:
+            log.debug("%s not sent: %s", send.what, e)
+
+    def _on_peer_message(self, peer: S.Peer, msg: P.Message, now: float) -> None:
+        """A piece message of an accepted peer: to the scheduler and the transport."""
+        if isinstance(msg, P.Batch):
             self._on_batch(peer, msg, now)
         elif isinstance(msg, P.Bitfield):
             self.scheduler.peer_bitfield(peer.id, msg.pieces(), now)
@@ -940,12 +831,8 @@ class Node:
             self.scheduler.piece_failed(peer.id, msg.piece, now, "refused" if msg.busy else "error")
         elif isinstance(msg, (P.Channel, P.Sent)):
             self.transport.on_message(peer.id, msg)
-        elif isinstance(msg, P.Goodbye):
-            self._drop_peer(peer, f"said goodbye ({msg.reason})", now)
-        elif isinstance(msg, P.Error):
-            self._on_error(peer, msg, now)
 
-    def _on_batch(self, peer: _Peer, msg: P.Batch, now: float) -> None:
+    def _on_batch(self, peer: S.Peer, msg: P.Batch, now: float) -> None:
         s = self.scheduler
         if msg.have:
             mask = 0
@@ -968,88 +855,12 @@ class Node:
                 s.piece_failed(peer.id, piece, now, reason)
 
     def _hello(self) -> P.Hello:
-        data = dict(self.data_params)
-        data["addrs"] = self.addresses[:8]
-        data["ctl"] = self.control_port
-        data["paths"] = self.transport.offer().to_wire()
-        data["peers"] = [
-            [p.id, p.hosts[0], int(p.hello.data.get("ctl", 0))]
-            for p in list(self._peers.values())[:_MAX_PEX]
-            if p.accepted and p.hosts and isinstance(p.hello.data.get("ctl"), int)
-        ]
-        return P.Hello(
-            peer_id=self.id,
-            key=self.key.to_wire(),
-            key_digest=self.key.digest,
-            manifest_digest=self.manifest.digest,
-            content_digest=content_digest(self.checksums) if self.checksums is not None else "",
-            role=self.role,
-            transport=self.transport.name,
-            data=data,
-        )
-
-    def _on_hello(self, msg: P.Hello, now: float, ident: bytes | None, dial: _Dial | None) -> None:
-        if msg.peer_id == self.id:
-            if dial is not None:
-                self._close_dial(dial, backoff=False, forever=True)
-            return
-        if msg.key_digest != self.key.digest:
-            try:
-                theirs = SwarmKey.from_wire(msg.key).describe()
-            except ManifestError:
-                theirs = msg.key_digest
-            self._note_mismatch(msg.peer_id, f"other swarm key: {theirs}")
-            if dial is not None:
-                self._close_dial(dial, backoff=True)
-            else:
-                self._reply(ident, None, P.Error("wrong_key", f"other swarm key: {self.key.describe()}"))
-            return
-        theirs_offer = Offer.from_wire(msg.data.get("paths"), fallback=msg.transport)
-        if self.transport.choose(msg.peer_id, theirs_offer) is None:
-            mine = ", ".join(sorted(self.transport.offer().transports))
-            offered = ", ".join(sorted(theirs_offer.transports)) or "none"
-            self._note_mismatch(msg.peer_id, f"no data path in common: it offers {offered}, this node {mine}")
-            self._reply(
-                ident, dial, P.Error("wrong_transport", f"no data path in common: this node offers {mine}")
-            )
-            return
-        peer = self._peers.get(msg.peer_id)
-        if peer is None and (len(self._peers) >= MAX_PEERS or self._shunned.get(msg.peer_id, 0.0) > now):
-            if dial is not None:
-                self._close_dial(dial, backoff=True)
-                self._dial_after[(dial.host, dial.port)] = now + _BUSY_BACKOFF_S
-            else:
-                self._reply(ident, None, P.Error("busy", f"this node has {MAX_PEERS} peers; try others"))
-            return
-        if peer is None:
-            peer = _Peer(msg.peer_id, msg, last_seen=now)
-            self._peers[msg.peer_id] = peer
-        peer.hello = msg
-        peer.last_seen = now
-        hosts = [h for h in _list_field(msg.data, "addrs") if isinstance(h, str)]
-        if dial is not None:
-            dial.peer = msg.peer_id
-            if dial not in peer.dials:
-                peer.dials.append(dial)
-            self._candidates[(dial.host, dial.port)] = msg.peer_id
-            self._pex_candidates.discard((dial.host, dial.port))
-            hosts = [dial.host, *[h for h in hosts if h != dial.host]]
-        if ident is not None:
-            peer.idents.add(ident)
-            self._by_ident[ident] = msg.peer_id
-            self._reply(ident, None, self._hello())
-        if hosts:
-            peer.hosts = hosts
-        self._learn_pex(msg)
-        if not peer.accepted:
-            self._check_peer(peer, now)
-        elif ident is not None:
-            self._reply(ident, None, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)))
+        return self.members.hello()
 
     def _learn_pex(self, msg: P.Hello) -> None:
         if not self.config.pex:
             return
-        for entry in _list_field(msg.data, "peers")[:_MAX_PEX]:
+        for entry in S.list_field(msg.data, "peers")[:_MAX_PEX]:
             if (
                 isinstance(entry, list)
                 and len(entry) == 3
@@ -1065,157 +876,7 @@ class Node:
                 self._candidates[(entry[1], entry[2])] = ""
                 self._pex_candidates.add((entry[1], entry[2]))
 
-    def _ask_manifest(self, peer: _Peer, now: float) -> None:
-        if not peer.manifest_asked:
-            peer.manifest_asked = True
-            self._send(peer, P.ManifestQuery(), now)
-
-    def _check_peer(self, peer: _Peer, now: float) -> None:
-        """Accept the peer once its manifest (and, for a leecher, the checksums) are known to match."""
-        h = peer.hello
-        if h.manifest_digest != self.manifest.digest:
-            self._ask_manifest(peer, now)  # only to report a readable difference
-            return
-        if h.content_digest and not self.codec.authenticated:
-            self._vote(peer.id, h.content_digest, now)
-        if (
-            h.content_digest
-            and self.checksums is not None
-            and h.content_digest != content_digest(self.checksums)
-        ):
-            self._refuse(peer, "holds different bytes for the same manifest (another checkpoint?)")
-            return
-        if self.checksums is None:
-            if h.content_digest:
-                self._ask_manifest(peer, now)
-            return  # a leecher without checksums: wait for one that has them
-        self._accept(peer, now)
-
-    def _on_manifest(self, peer: _Peer, msg: P.ManifestReply, now: float) -> None:
-        try:
-            # Compared in wire form: a peer's manifest is never cut into pieces here, so an answer costs
-            # at most the size of our own manifest, whatever piece count it claims.
-            difference = self.manifest.diff_wire(msg.manifest)
-        except ManifestError as e:
-            self._refuse(peer, f"sent a malformed manifest: {e}")
-            return
-        if difference is not None:
-            self._note_mismatch(peer.id, difference)
-            self._refuse(peer, f"holds a different manifest: {difference}")
-            return
-        if len(msg.checksums) != len(self.manifest.pieces) or (
-            peer.hello.content_digest and content_digest(msg.checksums) != peer.hello.content_digest
-        ):
-            self._refuse(peer, "sent checksums that do not match its content digest")
-            return
-        if self.checksums is None:
-            if self.codec.authenticated:
-                self._adopt(list(msg.checksums), now)  # a token holder is trusted with the checksums
-            elif peer.hello.content_digest and (
-                peer.hello.content_digest in self._offered or len(self._offered) < _MAX_OFFERED
-            ):
-                self._offered.setdefault(peer.hello.content_digest, list(msg.checksums))
-                self._decide(now)
-            return
-        if msg.checksums != self.checksums:
-            self._refuse(peer, "holds different bytes for the same manifest (another checkpoint?)")
-            return
-        if not peer.accepted and not peer.refused:
-            self._accept(peer, now)
-
-    def _adopt(self, checksums: list[str], now: float) -> None:
-        """Take these piece checksums as the truth, then accept (or refuse) every peer waiting for them."""
-        self.checksums = checksums
-        self.transport.set_checksums(checksums)
-        for other in list(self._peers.values()):
-            if not other.accepted and not other.refused:
-                self._check_peer(other, now)
-        # Leechers that met this node before it had checksums are waiting for a peer that has them:
-        # a new Hello (with the content digest, and this node's peers, the seed among them) lets
-        # them take the checksums from here and dial the seed even if they missed its mDNS answer
-        # (a responder multicasts a record at most once a second, RFC 6762 section 6).
-        hello = self._hello()
-        for other in list(self._peers.values()):
-            if not other.refused and not other.hello.content_digest:
-                self._send(other, hello, now)
-
-    # --- open swarm: which checksums to believe ---------------------------------------------------
-
-    def _vote(self, peer_id: str, digest: str, now: float) -> None:
-        if peer_id not in self._votes and len(self._votes) >= _MAX_VOTES:
-            return
-        self._votes[peer_id] = digest
-        if self._first_vote is None:
-            self._first_vote = now
-        if self.checksums is not None and self._fetching and not self.complete:
-            ours = content_digest(self.checksums)
-            if not self._majority(ours):
-                self._fail_fetch(self._disagreement())
-
-    def _majority(self, digest: str) -> bool:
-        held = sum(1 for d in self._votes.values() if d == digest)
-        return held > len(self._votes) - held
-
-    def _decide(self, now: float) -> None:
-        """Open swarm, no checksums yet: take those of the digest a strict majority of the members met
-        announce, once two of them agree or after `_OPEN_QUORUM_S` (see docs/reliability.md)."""
-        if self.checksums is not None or self.codec.authenticated or self._first_vote is None:
-            return
-        for digest, checksums in self._offered.items():
-            agree = sum(1 for d in self._votes.values() if d == digest)
-            waited = now - self._first_vote >= min(_OPEN_QUORUM_S, self.config.discovery_timeout_s / 2)
-            if self._majority(digest) and (agree >= 2 or waited):
-                log.warning(
-                    "open swarm (no SWARM_TOKEN): using the checksums %d of the %d members met agree on",
-                    agree,
-                    len(self._votes),
-                )
-                self._adopt(checksums, now)
-                return
-
-    def _disagreement(self) -> ManifestMismatchError:
-        counts: dict[str, int] = {}
-        for d in self._votes.values():
-            counts[d] = counts.get(d, 0) + 1
-        shown = ", ".join(f"{n} member(s) hold content {d[:12]}" for d, n in sorted(counts.items()))
-        return ManifestMismatchError(
-            f"the members of {self.key.describe()} disagree on its bytes, and no content has a majority",
-            difference=shown,
-            hint="this swarm is open (no SWARM_TOKEN), so anyone on the LAN can join it; set SWARM_TOKEN "
-            "(or SWARM_TOKEN_FILE) on every instance; the loader falls back to disk",
-        )
-
-    def _accept(self, peer: _Peer, now: float) -> None:
-        peer.accepted = True
-        self.scheduler.peer_joined(peer.id, now)
-        if peer.early_have:
-            self.scheduler.peer_bitfield(peer.id, peer.early_have, now)
-            peer.early_have = set()
-        # Set the data channel up now, so that it is ready by the time the first request goes out
-        # (NCCL communicators take a fraction of a second).
-        self._maybe_connect_data(peer)
-        self._send(peer, P.Bitfield.of(self.scheduler.have, len(self.manifest.pieces)), now)
-        log.debug("accepted peer %s (%s)", peer.name, peer.hello.role)
-
-    def _note_mismatch(self, who: str, why: str) -> None:
-        """Remember why a member is unusable (for the fetch's error); bounded against floods."""
-        if who in self._mismatches or len(self._mismatches) < _MAX_MISMATCHES:
-            self._mismatches[who] = why
-
-    def _refuse(self, peer: _Peer, why: str) -> None:
-        log.warning("not using peer %s: %s", peer.name, why)
-        peer.refused = why
-        if peer.id not in self._mismatches:
-            self._note_mismatch(peer.id, why)
-        for dial in list(peer.dials):
-            self._close_dial(dial, backoff=False, forever=True)
-
-    def _on_error(self, peer: _Peer, msg: P.Error, now: float) -> None:
-        log.warning("peer %s answered %s: %s", peer.name, msg.code, msg.message)
-        if msg.code in ("wrong_key", "wrong_transport", "auth"):
-            self._refuse(peer, msg.message)
-
-    def _maybe_connect_data(self, peer: _Peer) -> None:
+    def _maybe_connect_data(self, peer: S.Peer) -> None:
         if self.complete or peer.data_connected or not peer.accepted:
             return
         params = dict(peer.hello.data)
@@ -1224,40 +885,37 @@ class Node:
             self.transport.connect(peer.id, params)
             peer.data_connected = True
         except SwarmError as e:
-            self._refuse(peer, str(e))
+            self._execute(self.members.refuse(peer, str(e)), time.monotonic())
 
     # --- decisions --------------------------------------------------------------------------------
 
     def _apply(self, decisions: list[Any], now: float) -> None:
         for d in decisions:
             if isinstance(d, HandedOut):
-                self._out_handed.append(d.piece)
+                self._outbox.handed(d.piece)
                 continue
             peer = self._peers.get(d.peer)
             if peer is None:
                 continue
             if isinstance(d, Request):
                 self._maybe_connect_data(peer)
+                if not peer.accepted:  # its data channel could not be set up: refused, left
+                    continue
                 self.transport.expect(peer.id, d.piece)
                 if not self.transport.one_sided(peer.id):  # a one-sided path reads without asking
-                    self._outbox(peer.id).request[d.piece] = None
+                    self._outbox.request(peer.id, d.piece)
             elif isinstance(d, Cancel):
                 self.transport.unexpect(peer.id, d.piece)
                 if not self.transport.one_sided(peer.id):
-                    box = self._outbox(peer.id)
-                    if d.piece in box.request:
-                        del box.request[d.piece]  # withdrawn before it left: the peer never hears of it
-                    else:
-                        box.cancel[d.piece] = None
+                    self._outbox.cancel(peer.id, d.piece)
             elif isinstance(d, Serve):
                 if self.transport.has_channel(peer.id):
                     self.transport.send(peer.id, d.piece)
                 else:
-                    self._outbox(peer.id).busy[d.piece] = None  # the data channel is not ready
+                    self._outbox.refuse(peer.id, d.piece, busy=True)  # the data channel is not ready
                     self._apply(self.scheduler.upload_finished(peer.id, d.piece, now, False), now)
             elif isinstance(d, Refuse):
-                box = self._outbox(peer.id)
-                (box.busy if d.reason == "busy" else box.refused)[d.piece] = None
+                self._outbox.refuse(peer.id, d.piece, busy=d.reason == "busy")
 
     def _drain_events(self, now: float) -> None:
         while True:
@@ -1312,7 +970,7 @@ class Node:
             self._last_progress = now
             self._cv.notify_all()
         self._apply(decisions, now)
-        self._out_have.append(piece)
+        self._outbox.have(piece)
         if self.scheduler.complete:
             self._finish_fetch(now)
 
@@ -1334,13 +992,13 @@ class Node:
         with self._cv:
             self.complete = True
             self._cv.notify_all()
+        self.members.role = "seed"
         log.info("swarm node %s holds the whole model; serving as a seed", self.id)
         if self._advertiser is not None:
             self._advertiser.update(role="seed")
 
     def _become_seed(self, checksums: list[str], now: float) -> None:
         self._seeding_since = time.monotonic()
-        self.checksums = checksums
         self.transport.set_checksums(checksums)
         self.scheduler = self._new_scheduler(True)
         with self._cv:
@@ -1349,20 +1007,9 @@ class Node:
             self._cv.notify_all()
         if self._advertiser is not None:
             self._advertiser.update(role="seed")
-        for peer in list(self._peers.values()):
-            if peer.refused:
-                continue
-            peer.accepted = False
-            self._check_peer(peer, now)
-            self._send(peer, self._hello(), now)
+        self._execute(self.members.become_seed(checksums, now), now)
 
     # --- sending ----------------------------------------------------------------------------------
-
-    def _outbox(self, peer_id: str) -> _Outbox:
-        box = self._out.get(peer_id)
-        if box is None:
-            box = self._out[peer_id] = _Outbox()
-        return box
 
     def _notify(self, peer_id: str, msg: P.Message, now: float) -> None:
         """A transport's control message: a completion joins the peer's next Batch, others leave now."""
@@ -1370,64 +1017,23 @@ class Node:
         if peer is None:
             return
         if isinstance(msg, P.Sent) and msg.ok:
-            self._outbox(peer_id).sent.append(msg.piece)
+            self._outbox.sent(peer_id, msg.piece)
         else:
             self._send(peer, msg, now)
 
     def _flush(self, now: float) -> None:
         """Send this turn's piece events: one Batch per peer (more only past `MAX_BATCH` a list)."""
-        have, handed, out = self._out_have, self._out_handed, self._out
-        if not (have or handed or out):
-            return
-        self._out_have, self._out_handed, self._out = [], [], {}
-        shared: list[tuple[P.Batch, bytes]] | None = None  # for peers that get only the broadcast part
-        for peer in list(self._peers.values()):
-            box = out.get(peer.id)
-            news = peer.accepted and bool(have or handed)
-            if box is None:
-                if news:
-                    if shared is None:
-                        shared = [(b, P.pack(b)) for b in _batches(have, handed)]
-                    for b, payload in shared:
-                        self._send(peer, b, now, payload)
-            else:
-                h, ho = (have, handed) if news else ([], [])
-                lists = (box.cancel, box.request, box.sent, box.busy, box.refused)
-                for b in _batches(h, ho, *map(list, lists)):
-                    self._send(peer, b, now)
+        for peer_id, batch, payload in self._outbox.flush(
+            (p.id, p.accepted) for p in list(self._peers.values())
+        ):
+            peer = self._peers.get(peer_id)
+            if peer is not None:
+                self._send(peer, batch, now, payload)
 
-    def _send(self, peer: _Peer, msg: P.Message, now: float, payload: bytes | None = None) -> None:
-        """Send on the peer's first live link, sealed by that link's session (`payload`: `msg` packed
-        already, when one message goes to many peers)."""
-        payload = P.pack(msg) if payload is None else payload
-        peer.last_sent = now
-        for dial in peer.dials:
-            if dial.sock in self._dials:
-                try:
-                    dial.sock.send(dial.session.seal(payload), zmq.NOBLOCK)
-                except zmq.Again:
-                    log.warning("control queue to %s is full; dropping %s", peer.name, msg.TYPE)
-                return
-        for ident in peer.idents:
-            session = self._sessions.get(ident)
-            if session is None or not session.established:
-                continue
-            assert self._router is not None
-            try:
-                self._router.send_multipart([ident, session.seal(payload)], zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("control queue to %s is full; dropping %s", peer.name, msg.TYPE)
-            return
-
-    def _reply(self, ident: bytes | None, dial: _Dial | None, msg: P.Message) -> None:
-        try:
-            if ident is not None:
-                assert self._router is not None
-                self._router.send_multipart([ident, self._session_of(ident).encode(msg)], zmq.NOBLOCK)
-            elif dial is not None:
-                dial.sock.send(dial.session.encode(msg), zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            log.debug("reply %s not sent: %s", msg.TYPE, e)
+    def _send(self, peer: S.Peer, msg: P.Message, now: float, payload: bytes | None = None) -> None:
+        """Send on the peer's first live link (`payload`: `msg` packed already, when one message goes to
+        many peers)."""
+        self._execute(self.members.send(peer, msg, now, payload), now)
 
     def _say_goodbye(self) -> None:
         now = time.monotonic()
@@ -1464,7 +1070,7 @@ class Node:
         self._sample_rates(now)
         self.metrics.update(self._peer_states(), self._seeding_since)
         if self.checksums is None:
-            self._decide(now)
+            self._execute(self.members.decide(now), now)
         if self._fetching and not self.complete:
             self._check_fetch(now)
 
@@ -1494,13 +1100,11 @@ class Node:
         self._drop_peer(victim, "dropped to make room for other peers", now)
         for addr in addrs:
             self._dial_after[addr] = now + _BUSY_BACKOFF_S
-        if len(self._shunned) > 4 * MAX_PEERS:
-            self._shunned = {k: t for k, t in self._shunned.items() if t > now}
-        self._shunned[victim.id] = now + _BUSY_BACKOFF_S  # its Hello meanwhile is answered "busy"
+        self.members.shun(victim.id, now + _BUSY_BACKOFF_S, now)  # its Hello meanwhile: "busy"
 
     def _is_member(self, ident: bytes) -> bool:
         """A ROUTER identity that belongs to a peer this node keeps (its connection is not a stranger's)."""
-        return ident in self._by_ident
+        return self.members.is_member(ident)
 
     def _dial_news(self, now: float) -> None:
         """Dial peers found since the last look (mDNS or peer exchange) now, not at the next housekeeping."""
@@ -1555,37 +1159,32 @@ class Node:
                 self._candidates.pop(addr, None)
                 self._pex_candidates.discard(addr)
                 continue
-            dial = _Dial(addr[0], addr[1], sock, now, P.Session(self.codec, self.identity, dialer=True))
-            self._dials[sock] = dial
-            sock.send(dial.session.open(), zmq.NOBLOCK)  # Hello follows once the session is up
+            link, opening = self.members.dial(sock, addr[0], addr[1], now)
+            self._dials[sock] = link
+            self._execute(opening, now)  # Hello follows once the session is up
             self._dial_after[addr] = now + _DIAL_BACKOFF_S
 
-    def _close_dial(self, dial: _Dial, *, backoff: bool, forever: bool = False) -> None:
-        self._dials.pop(dial.sock, None)
-        dial.sock.close(0)
-        addr = (dial.host, dial.port)
+    def _close_dial(self, link: S.Link, *, backoff: bool, forever: bool = False) -> None:
+        self.members.unlink(link)
+        sock = self._dials.pop(link.handle, None)  # type: ignore[call-overload]
+        if sock is not None:
+            link.handle.close(0)  # type: ignore[attr-defined]
         if forever:
-            self._dial_after[addr] = float("inf")
+            self._dial_after[link.addr] = float("inf")
         elif backoff:
-            self._dial_after[addr] = time.monotonic() + _DIAL_BACKOFF_S
-        if dial.peer and dial.peer in self._peers:
-            peer = self._peers[dial.peer]
-            if dial in peer.dials:
-                peer.dials.remove(dial)
+            self._dial_after[link.addr] = time.monotonic() + _DIAL_BACKOFF_S
 
-    def _drop_peer(self, peer: _Peer, why: str, now: float) -> None:
+    def _drop_peer(self, peer: S.Peer, why: str, now: float) -> None:
+        if peer.state is S.PeerState.GONE:
+            return
         log.info("peer %s gone: %s", peer.name, why)
-        self._peers.pop(peer.id, None)
-        for ident in peer.idents:
-            self._by_ident.pop(ident, None)
-            self._sessions.pop(ident, None)
-        for dial in list(peer.dials):
-            self._close_dial(dial, backoff=True)
+        was_accepted = peer.accepted
+        self._execute(self.members.forget(peer), now)
         self.transport.drop(peer.id)
         if peer.bytes_from:
             _, before = self._gone_from.get(peer.id, ("", 0))
             self._gone_from[peer.id] = (peer.name, before + peer.bytes_from)
-        if peer.accepted:
+        if was_accepted:
             self._apply(self.scheduler.peer_left(peer.id, now), now)
 
     # --- fetch supervision ------------------------------------------------------------------------
@@ -1597,8 +1196,9 @@ class Node:
         if elapsed > cfg.deadline_s:
             self._fail_fetch(self._stall(f"the fetch passed its deadline of {cfg.deadline_s:.0f} s"))
         elif not accepted and self.scheduler.held_count == 0 and elapsed > cfg.discovery_timeout_s:
-            if self._votes and not any(self._majority(d) for d in set(self._votes.values())):
-                self._fail_fetch(self._disagreement())
+            votes = self.members.votes
+            if votes and not any(self.members.majority(d) for d in set(votes.values())):
+                self._fail_fetch(self.members.disagreement())
             elif self._mismatches:
                 # Members were found, but every one holds something else (another key, manifest,
                 # content or transport): say what, rather than "no seed".
@@ -1682,8 +1282,8 @@ class Node:
                 except SwarmError as e:
                     log.warning("discovery close: %s", e)
         self.transport.close()
-        for dial in list(self._dials.values()):
-            dial.sock.close(0)
+        for sock in list(self._dials):
+            sock.close(0)
         self._dials.clear()
         if self._guard is not None:
             self._guard.close()
@@ -1699,17 +1299,6 @@ class Node:
         self._fail_fetch(FetchError("the node was closed"))
 
 
-def _batches(have: list[int], handed: list[int], *others: list[int]) -> list[P.Batch]:
-    """One Batch of these lists (have, handed, then the per-peer ones in `Batch`'s order; missing ones
-    empty), or several when a list is longer than the protocol's bound."""
-    lists = (have, handed, *others, *([] for _ in range(len(P.Batch.SCHEMA) - 2 - len(others))))
-    n = max(map(len, lists))
-    step = P.MAX_BATCH
-    if n <= step:
-        return [P.Batch(*lists)]
-    return [P.Batch(*(x[i : i + step] for x in lists)) for i in range(0, n, step)]
-
-
 def _registered(poller: zmq.Poller) -> list[Any]:
     return [s for s, _ in poller.sockets]
 
@@ -1720,13 +1309,6 @@ def _drain(fd: int) -> None:
             pass
     except (BlockingIOError, OSError):
         pass
-
-
-def _list_field(data: Mapping[str, Any], name: str) -> list[Any]:
-    """A list field of a peer's Hello.data; [] when missing or not a list (the protocol only checks that
-    `data` is a bounded plain map, so its fields are as the peer sent them)."""
-    value = data.get(name)
-    return value if isinstance(value, list) else []
 
 
 def _own_addresses(bind: str) -> list[str]:
@@ -1751,21 +1333,3 @@ def _interface_address(interface: str) -> str:
                 return str(a.ip)
     names = ", ".join(f"{i.name} ({', '.join(str(a.ip) for a in i.addresses)})" for i in interfaces)
     raise ConfigError(f"no IPv4 address on interface {interface!r}", hint=f"available: {names or 'none'}")
-
-
-def _make_transport(config: NodeConfig) -> Transport:
-    if config.transport == "auto":
-        from swarm.transport.auto import AutoTransport
-
-        return AutoTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)
-    if config.transport == "ipc":
-        from swarm.transport.ipc import IpcTransport
-
-        return IpcTransport(io_timeout_s=config.io_timeout_s)
-    if config.transport == "nccl":
-        from swarm.transport.nccl import NcclTransport
-
-        return NcclTransport(token=config.token, rate_cap=config.rate_cap, io_timeout_s=config.io_timeout_s)
-    from swarm.transport.tcp import TcpTransport
-
-    return TcpTransport(token=config.token, io_timeout_s=config.io_timeout_s, rate_cap=config.rate_cap)

@@ -444,6 +444,14 @@ _OPTIONS = [
     Option("serve", Flag(), True, "keep serving pieces after loading", env="SWARM_SERVE", scope="loader"),
     Option("verify", Flag(), True, "check after vLLM's post-processing that the served bytes are unchanged",
            env="SWARM_VERIFY", scope="loader"),
+    Option("compile_cache", Flag(), True, "carry vLLM's compile cache: fetch it before vLLM compiles, and "
+           "publish it once compiled (docs/loader.md)", env="SWARM_COMPILE_CACHE", scope="loader"),
+    Option("compile_cache_timeout_s", Seconds(maximum=600.0), 3.0, "seconds to look for a published compile "
+           "cache (beside the weights' fetch) before vLLM compiles without it",
+           env="SWARM_COMPILE_CACHE_TIMEOUT", scope="loader"),
+    Option("compile_cache_max", Size(minimum=1, maximum=2**40), 2 * 10**9, "the largest compile cache "
+           "fetched or published; a larger one is refused before its archive is fetched",
+           env="SWARM_COMPILE_CACHE_MAX", scope="loader", default_text="`2GB`"),
 ]  # fmt: skip
 
 #: Every option of the node and the loader, by name (the JSON key).

@@ -24,7 +24,7 @@ Rules:
   what it carries (ids are still proven at the handshake).
 
 Messages are frozen dataclasses; `SCHEMAS` maps each message type to its fields' validators. Adding a
-message is adding a class and its schema; transitions of the node live in swarm/node.py.
+message is adding a class and its schema; what a message does to a peer lives in swarm/session.py.
 """
 
 from __future__ import annotations

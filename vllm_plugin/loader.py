@@ -20,6 +20,10 @@ supported release (0.24 to 0.33). Per worker rank (docs/loader.md has the long f
    post-processing left the swarmed bytes as they were, then mark the node complete: it serves every
    piece from its background threads until the process exits (vllm_plugin.members closes it then).
 
+Beside the weights, `load_model` carries vLLM's compile cache (vllm_plugin.compile_cache): it starts
+looking for a published one as it begins, installs it before it returns (so before vLLM compiles), and
+otherwise watches for this instance's own compile to publish it.
+
 A `load_weights` call outside `load_model` (vLLM's in-place weight reload) loads from disk, as the
 default loader would: the swarm only fills a model that `load_model` is building.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -44,7 +49,7 @@ from vllm.logger import init_logger
 from swarm import metrics
 from swarm.errors import ConfigError, SwarmError
 from swarm.manifest import Manifest, SwarmKey, dtype_name, piece_checksums
-from vllm_plugin import compat, identity, members
+from vllm_plugin import compat, compile_cache, identity, members
 from vllm_plugin.logs import route_swarm_logs
 from vllm_plugin.options import LoaderOptions, auto_piece_size, check_open_swarm, parse_options
 from vllm_plugin.tensors import SwarmTensors, changed_tensors, replaced_bytes, swarm_tensors
@@ -73,6 +78,40 @@ class _Fill:
     node: Any
     swarmed: SwarmTensors
     before: list[str] | None
+
+
+@dataclass
+class _CompileCache:
+    """This load's compile cache: the fetch under way, and what publishing needs if nothing comes."""
+
+    fetch: compile_cache.CacheFetch
+    root: Path
+    before: set[str]
+    rank: str
+    name: str
+    config: Any
+    options: LoaderOptions
+
+    def finish(self) -> None:
+        """Install the fetched cache (served onward from then on), or watch for vLLM's own to publish."""
+        seed = self.fetch.join()
+        if seed is not None:
+            members.add(seed)
+        elif self.options.serve:
+            watcher = compile_cache.CacheWatcher(
+                self.root,
+                self.before,
+                self.rank,
+                self.name,
+                self.config,
+                max_bytes=self.options.compile_cache_max,
+            )
+            members.add(watcher.start())
+
+    def abandon(self) -> None:
+        seed = self.fetch.join()
+        if seed is not None:
+            seed.close()
 
 
 class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
@@ -127,17 +166,22 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
         """The base class's load_model, with the swarm's start (load_weights) and finish around it."""
         route_swarm_logs()
         self._vllm_config, self._fill = vllm_config, None
+        cache = self._start_compile_cache(vllm_config, model_config)
         try:
             model = super().load_model(vllm_config, model_config, *args, **kwargs)
         except BaseException:
             if self._fill is not None:
                 members.remove(self._fill.node)
+            if cache is not None:
+                cache.abandon()
             raise
         finally:
             self._vllm_config = None
         fill, self._fill = self._fill, None
         if fill is not None:
             self._after_postprocess(model, fill)
+        if cache is not None:
+            cache.finish()
         return model
 
     def load_weights(self, model: nn.Module, model_config: Any) -> None:
@@ -168,6 +212,38 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
             quantization=quant,
             engine=f"vllm-{compat.engine_version()}",
             **compat.rank_layout(vllm_config),
+        )
+
+    def _start_compile_cache(self, vllm_config: Any, model_config: Any) -> _CompileCache | None:
+        """Start looking for this rank's compile cache (vllm_plugin.compile_cache), unless it is off or
+        vLLM will not compile into its default cache. Never fails the load: None, with one line, then."""
+        if not self.options.compile_cache:
+            return None
+        try:
+            why = compile_cache.compiles(vllm_config)
+            if why is not None:
+                logger.info("swarm: compile cache not carried: %s", why)
+                return None
+            key = self.swarm_key(vllm_config, model_config)
+            name = compile_cache.cache_name(compile_cache.cache_key(vllm_config, key.digest))
+            config = self._node_config(model_name=name, rank=key.pp_rank * key.tp_size + key.tp_rank)
+            config = dataclasses.replace(
+                config, deadline_s=min(config.deadline_s, compile_cache.FETCH_DEADLINE_S)
+            )
+            root = compile_cache.cache_root()
+            before = compile_cache.snapshot(root)
+            fetch = compile_cache.CacheFetch(
+                root,
+                name,
+                config,
+                max_bytes=self.options.compile_cache_max,
+                timeout_s=self.options.compile_cache_timeout_s,
+            ).start()
+        except Exception as e:  # the cache never fails a load
+            logger.warning("swarm: compile cache not carried: %s: %s", type(e).__name__, e)
+            return None
+        return _CompileCache(
+            fetch, root, before, compile_cache.rank_dir(vllm_config), name, config, self.options
         )
 
     def _fill_from_swarm(self, model: nn.Module, vllm_config: Any, model_config: Any) -> _Fill | None:
@@ -306,7 +382,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
                 bar.close()
         self._timer.done("swarm", report.total_bytes)
         per_peer = ", ".join(
-            f"{report.peer_names.get(p, p)}: {_fmt_bytes(b)}" for p, b in sorted(report.bytes_by_peer.items())
+            f"{report.peer_label(p)}: {_fmt_bytes(b)}" for p, b in sorted(report.bytes_by_peer.items())
         )
         logger.info(
             "swarm: loaded %s from %d peer(s) in %.2f s (%.3f GB/s), 0 bytes from disk: %s",
@@ -321,6 +397,7 @@ class SwarmModelLoader(compat.BaseModelLoader):  # type: ignore[misc]
             bytes=report.total_bytes,
             bytes_by_peer=dict(report.bytes_by_peer),
             peer_names=dict(report.peer_names),
+            peer_paths=dict(report.peer_paths),
             seconds=report.seconds,
         )
         return None

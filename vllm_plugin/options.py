@@ -6,8 +6,9 @@ environment over the default. An unknown key, a value of the wrong type, or a va
 `ConfigError` when vLLM creates the loader, i.e. at start-up, before anything is loaded; so does a bad
 peer list (a `dns:` name is checked for its form here; resolving it is the node's job).
 
-The loader's own options (`model_id`, `fallback`, `serve`, `verify`) are in the same schema with scope
-"loader"; the keys of vLLM's default loader (`DISK_OPTIONS`) pass through for the disk path.
+The loader's own options (`model_id`, `fallback`, `serve`, `verify`, and the `compile_cache*` ones)
+are in the same schema with scope "loader"; the keys of vLLM's default loader (`DISK_OPTIONS`) pass
+through for the disk path.
 No vLLM import here (unit-testable on its own).
 """
 
@@ -41,6 +42,9 @@ class LoaderOptions:
     fallback: bool = True
     serve: bool = True
     verify: bool = True
+    compile_cache: bool = schema.default("compile_cache")
+    compile_cache_timeout_s: float = schema.default("compile_cache_timeout_s")
+    compile_cache_max: int = schema.default("compile_cache_max")
     disk: dict[str, Any] = field(default_factory=dict)
 
     @property

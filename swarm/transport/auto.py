@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,8 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.manifest import Manifest
 from swarm.protocol import Channel, Message
-from swarm.transport.base import Events, Transport
+from swarm.scheduler import SchedulerConfig
+from swarm.transport.base import GPU_PIECE_SIZE, Events, Transport
 from swarm.transport.paths import Offer, choose_path, local_offer
 
 log = logging.getLogger("swarm.transport.auto")
@@ -52,6 +54,7 @@ class AutoTransport(Transport):
         self._opts: dict[str, Any] = {"token": token, "io_timeout_s": io_timeout_s, "rate_cap": rate_cap}
         self._nccl = nccl
         self._paths: dict[str, str] = {}
+        self._setup_s: dict[str, float] = {}
         self._params: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._pid = ""
@@ -88,7 +91,9 @@ class AutoTransport(Transport):
         for name, t in self.subs.items():
             t.peer_id = self._pid
             t.identity = self._identity
+            t0 = time.perf_counter()
             t.bind(manifest, tensors, self._events_for(name))
+            self._setup_s[f"{name}.bind"] = time.perf_counter() - t0
         self._offer = local_offer(self.subs, gpu if set(self.subs) - {"tcp"} else None)
 
     def _default_subs(self, gpu: bool) -> dict[str, Transport]:
@@ -100,7 +105,8 @@ class AutoTransport(Transport):
 
             subs["ipc"] = IpcTransport(io_timeout_s=self._opts["io_timeout_s"])
             if self._nccl:
-                from swarm.transport.nccl import Nccl, NcclTransport
+                from swarm.transport.nccl import NcclTransport
+                from swarm.transport.nccl_binding import Nccl
 
                 try:
                     Nccl.load()
@@ -111,8 +117,10 @@ class AutoTransport(Transport):
 
     def open(self, host: str) -> dict[str, Any]:
         params: dict[str, Any] = {}
-        for t in self.subs.values():
+        for name, t in self.subs.items():
+            t0 = time.perf_counter()
             params.update(t.open(host))
+            self._setup_s[f"{name}.open"] = time.perf_counter() - t0
         return params
 
     def set_checksums(self, checksums: Sequence[str]) -> None:
@@ -170,6 +178,19 @@ class AutoTransport(Transport):
     def one_sided(self, peer: str) -> bool:
         return self._sub(peer).one_sided(peer)
 
+    # --- tuning (before `bind`: the piece size goes into the manifest) ------------------------------
+
+    def default_piece_size(self, on_gpu: bool) -> int:
+        return GPU_PIECE_SIZE if on_gpu else super().default_piece_size(on_gpu)
+
+    def default_scheduler(self, on_gpu: bool) -> SchedulerConfig | None:
+        """With tensors in GPU memory: CUDA IPC's deeper pipelines (one host first)."""
+        if not on_gpu:
+            return super().default_scheduler(on_gpu)
+        from swarm.transport import ipc
+
+        return ipc.recommended_scheduler()
+
     # --- routed calls ------------------------------------------------------------------------------
 
     def connect(self, peer: str, params: Mapping[str, Any]) -> None:
@@ -215,4 +236,5 @@ class AutoTransport(Transport):
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: t.stats() for name, t in self.subs.items()}
         out["paths"] = dict(self._paths)
+        out["setup_s"] = dict(self._setup_s)  # what each transport's start cost (bench/gpu.py `ipc`)
         return out

@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -72,7 +71,9 @@ from swarm import capture
 from swarm.errors import ConfigError, TransportError
 from swarm.manifest import Manifest, checksum_async
 from swarm.protocol import Channel, Message
-from swarm.transport.base import Events, Transport
+from swarm.scheduler import SchedulerConfig
+from swarm.transport.base import GPU_PIECE_SIZE, Events, Transport
+from swarm.transport.command_loop import CommandLoop
 from swarm.transport.gpu_checksum import fused_checksum_async, fused_checksum_works
 
 log = logging.getLogger("swarm.transport.ipc")
@@ -82,12 +83,10 @@ STREAMS = 4
 _MAX_REGIONS = 1 << 16
 
 
-def recommended_scheduler() -> Any:
+def recommended_scheduler() -> SchedulerConfig:
     """swarm.scheduler settings for members whose pieces move GPU to GPU on one host: a piece of 256 MiB
     is copied and verified in ~0.2 ms (bench/gpu.py `ipc`), less than the node's control work for it,
     so each peer gets a deep pipeline of requests (they cost the peer nothing: it is never asked)."""
-    from swarm.scheduler import SchedulerConfig
-
     return SchedulerConfig(
         max_uploads=16,
         seed_max_uploads=16,
@@ -197,9 +196,7 @@ class IpcTransport(Transport):
         self._streams: list[torch.cuda.Stream] = []
         self._sums = torch.empty(0)
         self._next_stream = 0
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._loop = CommandLoop("swarm-ipc", "CUDA IPC transport", log)
         self._export: dict[str, Any] | None = None
         self._export_error = ""
         self._export_lock = threading.Lock()
@@ -259,9 +256,7 @@ class IpcTransport(Transport):
         if self.device is None:
             raise ConfigError("bind() the transport to its tensors before open()")
         torch.cuda.synchronize(self.device)  # tensors written by the loader are complete
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="swarm-ipc", daemon=True)
-            self._thread.start()
+        self._loop.start(self.device, self._step)
         # Export now, off the path of the first reader and of the node's start: on a thread (a reader's
         # "open" waits for it under the lock; a failure is kept and told to each reader).
         self._exporter = threading.Thread(target=self._export_quietly, name="swarm-ipc-export", daemon=True)
@@ -355,13 +350,7 @@ class IpcTransport(Transport):
         self._post(lambda: self._forget(peer))
 
     def close(self) -> None:
-        thread = self._thread
-        if thread is not None:
-            self._post(self._stop.set)
-            thread.join(timeout=10.0)
-            if thread.is_alive():
-                log.warning("CUDA IPC transport engine did not stop within 10 s")
-        self._thread = None
+        self._loop.stop()
         deadline = time.monotonic() + max(1.0, min(self.op_timeout, 30.0))
         exporter = self._exporter
         for t in [*self._mappers, *([exporter] if exporter is not None else [])]:
@@ -371,6 +360,12 @@ class IpcTransport(Transport):
                 time.sleep(0.001)
             flight.clear()
         self._remotes.clear()
+
+    def default_piece_size(self, on_gpu: bool) -> int:
+        return GPU_PIECE_SIZE
+
+    def default_scheduler(self, on_gpu: bool) -> SchedulerConfig:
+        return recommended_scheduler()
 
     def is_ready(self, peer: str) -> bool:
         """True once `peer`'s export is mapped and checked."""
@@ -384,7 +379,7 @@ class IpcTransport(Transport):
         return out
 
     def _post(self, fn: Callable[[], None]) -> None:
-        self._commands.put(fn)
+        self._loop.post(fn)
 
     def _emit(self, kind: str, *args: Any) -> None:
         if self.events is not None:
@@ -398,28 +393,14 @@ class IpcTransport(Transport):
 
     # --- the engine thread -------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        assert self.device is not None
-        torch.cuda.set_device(self.device)
-        capture.relax()  # never disturb a CUDA graph capture of the process we serve from
-        while not self._stop.is_set():
-            busy = any(self._flight) or any(r.state in ("opening", "mapping") for r in self._remotes.values())
-            try:
-                cmd: Callable[[], None] | None = self._commands.get(timeout=0.0002 if busy else 0.05)
-            except queue.Empty:
-                cmd = None
-            try:
-                while cmd is not None:
-                    cmd()
-                    cmd = self._commands.get_nowait()
-            except queue.Empty:
-                pass
-            except Exception:
-                log.exception("CUDA IPC transport command failed")
-            try:
-                self._reap(time.monotonic())
-            except Exception:
-                log.exception("CUDA IPC transport failed to reap copies")
+    def _step(self, now: float) -> bool:
+        """After each round of commands (swarm.transport.command_loop): reap finished copies; whether
+        work is under way."""
+        try:
+            self._reap(now)
+        except Exception:
+            log.exception("CUDA IPC transport failed to reap copies")
+        return any(self._flight) or any(r.state in ("opening", "mapping") for r in self._remotes.values())
 
     def _open(self, peer: str) -> None:
         """A peer to read from. Its export is asked for and mapped only when a first piece is wanted

@@ -88,6 +88,9 @@ def test_recorded_hello_and_goodbye_cannot_knock_a_member_off() -> None:
         gone = leecher_node(token=TOKEN, peers=peers_of(sniff.port))
         nodes.append(gone)
         wait_until(lambda: gone.id in seed._peers and seed._peers[gone.id].accepted, 10, "the first member")
+        # ... and the member took the seed's Hello (the seed accepts it before its own Hello has left):
+        # only a member that knows the seed says goodbye to it.
+        wait_until(lambda: seed.id in gone._peers, 10, "the seed's Hello")
         gone.close()
         wait_until(lambda: gone.id not in seed._peers, 10, "its goodbye")
         goodbye = [f for f in sniff.sent(0) if frame_type(f) == "goodbye"]

@@ -1,4 +1,4 @@
-"""A stand-in for swarm.transport.nccl.Nccl that joins two transports of ONE process on ONE GPU.
+"""A stand-in for swarm.transport.nccl_binding.Nccl that joins two transports of ONE process on ONE GPU.
 
 NCCL refuses two ranks on one GPU, so on a one-GPU machine the transport's engine (streams, piece
 signals, staging, verification, scatter, duplicates, failures, rate limit) is exercised through this
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from swarm.transport.nccl import NCCL_IN_PROGRESS, NCCL_SUCCESS
+from swarm.transport.nccl_binding import NCCL_IN_PROGRESS, NCCL_SUCCESS
 
 NCCL_REMOTE_ERROR = 6
 

@@ -41,6 +41,8 @@ class Pair:
         self.cond = threading.Condition()
         self.events: list[tuple[Any, ...]] = []
         self.drop_opens = 0  # control messages "open" to lose on the way (a lossy control plane)
+        self.old_receiver = False  # strip "batch" from opens: a receiver that reads one signal a piece
+        self.signals: list[dict[str, Any]] = []  # the seed's piece signals, as sent
         opts = {"op_timeout": 5.0, "init_timeout": 10.0} | kw
         self.seed = NcclTransport(dev, nccl=self.nccl, **opts)  # type: ignore[arg-type]
         self.leech = NcclTransport(dev, nccl=self.nccl, **opts)  # type: ignore[arg-type]
@@ -52,9 +54,14 @@ class Pair:
                     self.cond.notify_all()
 
             def deliver(peer: str, msg: Any) -> None:
-                if self.drop_opens and getattr(msg, "params", {}).get("op") == "open":
+                params = getattr(msg, "params", {})
+                if self.drop_opens and params.get("op") == "open":
                     self.drop_opens -= 1
                     return
+                if self.old_receiver and params.get("op") == "open":
+                    msg = type(msg)(msg.transport, {k: v for k, v in params.items() if k != "batch"})
+                if me == "S" and params.get("op") in ("piece", "pieces"):
+                    self.signals.append(dict(params))
                 other().on_message(me, decode_payload(pack(msg)))
 
             return Events(
@@ -117,6 +124,31 @@ def test_transfer_is_byte_identical(pair: Pair) -> None:
     assert pair.identical()
     stats = pair.leech.stats()
     assert stats["pieces_received"] == n and stats["bytes_received"] == pair.manifest.total_bytes
+
+
+def test_piece_signals_are_batched(pair: Pair) -> None:
+    """The seed tells the receiver the pieces a channel takes in one engine turn in one message."""
+    n = len(pair.manifest.pieces)
+    pair.leech.connect("S", {})
+    pair.wait(lambda: pair.leech.is_ready("S"))
+    for p in range(n):
+        pair.seed.send("L", p)
+    pair.wait(lambda: pair.count("L", "received") == n)
+    assert pair.identical()
+    assert all(s["op"] == "pieces" for s in pair.signals)
+    assert sorted(p for s in pair.signals for p in s["pieces"]) == list(range(n))
+    assert len(pair.signals) < n, f"{len(pair.signals)} signals for {n} pieces"
+
+
+def test_a_receiver_without_batches_gets_one_signal_a_piece(pair: Pair) -> None:
+    pair.old_receiver = True
+    n = len(pair.manifest.pieces)
+    pair.leech.connect("S", {})
+    for p in range(n):
+        pair.seed.send("L", p)
+    pair.wait(lambda: pair.count("L", "received") == n)
+    assert pair.identical()
+    assert [s["op"] for s in pair.signals] == ["piece"] * n
 
 
 def test_lost_open_is_repeated(pair: Pair) -> None:
@@ -228,10 +260,25 @@ def test_silent_peer_times_out() -> None:
         pair.close()
 
 
+@pytest.mark.parametrize("pieces", [[], ["0"], [0] * 100_000, "0"])
+def test_a_malformed_batch_of_signals_closes_the_channel(pieces: Any) -> None:
+    pair = Pair(op_timeout=5.0)
+    try:
+        pair.leech.connect("S", {})
+        pair.wait(lambda: pair.leech.is_ready("S"))
+        from swarm.protocol import Channel
+
+        cid = pair.leech._recv["S"].cid
+        pair.leech.on_message("S", Channel("nccl", {"op": "pieces", "cid": cid, "seq": 1, "pieces": pieces}))
+        pair.wait(lambda: pair.count("L", "closed") == 1, timeout=3)
+    finally:
+        pair.close()
+
+
 def test_binding_on_one_gpu_real_nccl() -> None:
     """The ctypes binding against the real libnccl: non-blocking init of a one-rank communicator,
     a send to itself and a receive in one group, abort."""
-    from swarm.transport.nccl import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl
+    from swarm.transport.nccl_binding import NCCL_IN_PROGRESS, NCCL_SUCCESS, Nccl
 
     nccl = Nccl.load()
     assert nccl.version >= 21800
@@ -261,7 +308,7 @@ def test_binding_on_one_gpu_real_nccl() -> None:
 def test_fused_checksum_matches_manifest() -> None:
     from bench.gpu import HAVE_TRITON
     from swarm.manifest import checksum_async
-    from swarm.transport.nccl import fused_checksum_async
+    from swarm.transport.gpu_checksum import fused_checksum_async
 
     if not HAVE_TRITON:
         pytest.skip("Triton is not installed")

@@ -1,7 +1,7 @@
 """`--load-format swarm` on a real GPU vLLM, on one GPU: the checks and timings of issue 12, in one command.
 
 Run on a GPU machine with the vLLM bundle installed (../shared/gpu-vllm/README.md; tests/gpu/vllm_gpu.sh
-sets the environment and calls this). Phases (`--phases 1,2,3`):
+sets the environment and calls this). Phases (`--phases 1,2,3,4`):
 
 1. eager: A loads from disk (`--load-format swarm`, no seed yet) and seeds; B and C have no weight files
    and load from the swarm (B from A, C from A and B); all three give the same greedy tokens.
@@ -10,6 +10,11 @@ sets the environment and calls this). Phases (`--phases 1,2,3`):
    three ready, same tokens.
 3. a model of a few GB (random Llama, `--big-hidden`/`--big-layers`): A from disk (the page cache: the
    files were just written), then B from the swarm; each one's weight-load time and time to ready.
+4. the compile cache through the swarm (tests/vllm/cache_trio.py, the sequence the CPU test and
+   bench/compile_cache.py run): A compiles (torch.compile + CUDA graphs) and publishes its cache; B,
+   with an empty cache root, gets it through the swarm; C, with `compile_cache: false`, compiles. Each
+   has its own VLLM_CACHE_ROOT and TRITON_HOME. Time to ready of each, whether B's vLLM loaded the
+   compiled artifacts, and the ratio C/B.
 
 Prints one JSON object per phase and writes them all to OUT/vllm_gpu.json; server logs go to OUT too.
 Exit status 0 only when every check held.
@@ -20,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.loopback import free_port
+from tests.vllm.cache_trio import run_trio
 from tests.vllm.server import VllmServer
 from vllm_plugin.tinymodel import copy_without_weights, make_tiny_model
 
@@ -34,9 +41,11 @@ GPU_ARGS = ["--attention-backend", "TRITON_ATTN", "--gpu-memory-utilization", "0
 
 
 class Run:
-    def __init__(self, out: Path, transport: str | None) -> None:
+    def __init__(self, out: Path, transport: str | None, token: str | None, expect_path: str | None) -> None:
         self.out = out
         self.transport = transport
+        self.token = token
+        self.expect_path = expect_path
         self.servers: list[VllmServer] = []
 
     def opts(self, port: int, peers: list[int], **kw: Any) -> dict[str, Any]:
@@ -55,7 +64,8 @@ class Run:
             name=name,
             eager=eager,
             extra_args=GPU_ARGS,
-            env={"VLLM_USE_FLASHINFER_SAMPLER": "0"},
+            # the token in the environment, as an operator would (never in vLLM's printed arguments)
+            env={"VLLM_USE_FLASHINFER_SAMPLER": "0", **({"SWARM_TOKEN": self.token} if self.token else {})},
         )
         self.servers.append(s)
         return s
@@ -75,6 +85,9 @@ def _loaded(log: str) -> dict[str, Any]:
     if m:
         out.update(source="swarm", size=m.group(1), peers=int(m.group(2)), seconds=float(m.group(3)))
         out["GBps"] = float(m.group(4))
+        # "0 bytes from disk: NAME (PATH): SIZE, ...": the path each peer's bytes took
+        tail = log[m.end() :].splitlines()[0] if log[m.end() :] else ""
+        out["paths"] = sorted(set(re.findall(r" \((ipc|nccl|tcp)\): ", tail)))
     m = re.search(r"swarm: loaded from disk; now seeding .* \(the disk load took ([\d.]+) s\)", log)
     if m:
         out.update(source="disk", seconds=float(m.group(1)))
@@ -142,6 +155,13 @@ def phase_big(run: Run, root: Path, hidden: int, layers: int) -> dict[str, Any]:
     same = [a.complete(p) for p in PROMPTS] == [b.complete(p) for p in PROMPTS]
     la, lb = _loaded(a.log()), _loaded(b.log())
     run.stop_all()
+    checks = {
+        "same_greedy_tokens": same,
+        "A_from_disk": la.get("source") == "disk",
+        "B_from_swarm": lb.get("source") == "swarm",
+    }
+    if run.expect_path:
+        checks[f"B_over_{run.expect_path}"] = lb.get("paths") == [run.expect_path]
     return {
         "phase": "big",
         "checkpoint_bytes": nbytes,
@@ -151,26 +171,50 @@ def phase_big(run: Run, root: Path, hidden: int, layers: int) -> dict[str, Any]:
         "weights_speedup_B_vs_A": round(la["seconds"] / lb["seconds"], 2)
         if la.get("seconds") and lb.get("seconds")
         else None,
-        "checks": {
-            "same_greedy_tokens": same,
-            "A_from_disk": la.get("source") == "disk",
-            "B_from_swarm": lb.get("source") == "swarm",
-        },
-        "ok": same and la.get("source") == "disk" and lb.get("source") == "swarm",
+        "checks": checks,
+        "ok": all(checks.values()),
     }
+
+
+def phase_compile_cache(run: Run, root: Path) -> dict[str, Any]:
+    where = root / "compile-cache"
+    shutil.rmtree(where, ignore_errors=True)  # a fresh start: no cache root left from an earlier run
+    model = make_tiny_model(where / "model" / "llama", "llama", hidden=512, layers=4, vocab_size=512)
+    swarm = {"transport": run.transport} if run.transport else {}
+    try:
+        r = run_trio(
+            model,
+            where,
+            run.out,
+            extra_args=GPU_ARGS,
+            env={"VLLM_USE_FLASHINFER_SAMPLER": "0", **({"SWARM_TOKEN": run.token} if run.token else {})},
+            timeout=600,
+            servers=run.servers,
+            swarm=swarm,
+            expect_load=True,
+        )
+    finally:
+        run.stop_all()
+    return {"phase": "compile-cache", **r}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--phases", default="1,2,3")
+    p.add_argument("--phases", default="1,2,3,4")
     p.add_argument("--transport", default=None, help="force a transport (default: the node's default)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="cluster token of every member (without one, a lone seed is believed after a 1 s vote)",
+    )
+    p.add_argument("--expect-path", default=None, help="phase 3 also checks that B's bytes took this path")
     p.add_argument("--big-hidden", type=int, default=2048)
     p.add_argument("--big-layers", type=int, default=40)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     root = Path("/tmp/vllm-gpu-models")
-    run = Run(a.out, a.transport)
+    run = Run(a.out, a.transport, a.token, a.expect_path)
     import vllm
 
     results: list[dict[str, Any]] = []
@@ -182,10 +226,13 @@ def main() -> int:
                 r = phase_three(run, root, False, "compiled")
             elif ph == "3":
                 r = phase_big(run, root, a.big_hidden, a.big_layers)
+            elif ph == "4":
+                r = phase_compile_cache(run, root)
             else:
                 raise SystemExit(f"unknown phase {ph!r}")
             r["vllm"] = vllm.__version__
             r["transport"] = a.transport or "default"
+            r["token"] = bool(a.token)
             print(json.dumps(r), flush=True)
             results.append(r)
             (a.out / "vllm_gpu.json").write_text(json.dumps(results, indent=1))

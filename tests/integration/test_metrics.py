@@ -72,6 +72,9 @@ def test_a_fetch_shows_in_both_members_metrics(seed_process: tuple[int, int]) ->
         report = node.fetch()
         total = node.manifest.total_bytes
         assert report.total_bytes == total
+        # the report (and so the loader's "loaded ... from" line) names each peer's path
+        assert list(report.peer_paths.values()) == ["tcp"]
+        assert "(tcp): " in report.describe()
         wait_until(
             lambda: (
                 value(scrape(leech_metrics), "swarm_peers", model="leech-metrics-test", state="accepted") == 1

@@ -66,6 +66,17 @@ def test_bad_options_fail_with_a_clear_message(extra: dict[str, object], message
     assert message in str(e.value)
 
 
+def test_compile_cache_options() -> None:
+    o = parse_options({}, env={})
+    assert o.compile_cache and o.compile_cache_timeout_s == 3.0 and o.compile_cache_max == 2 * 10**9
+    o = parse_options({"compile_cache_max": "500MiB"}, env={"SWARM_COMPILE_CACHE": "0"})
+    assert not o.compile_cache and o.compile_cache_max == 500 << 20 and o.node == {}
+    with pytest.raises(ConfigError, match="SWARM_COMPILE_CACHE_TIMEOUT='-1' is not valid"):
+        parse_options({}, env={"SWARM_COMPILE_CACHE_TIMEOUT": "-1"})
+    with pytest.raises(ConfigError, match="compile_cache_max='lots' is not valid: not a size"):
+        parse_options({"compile_cache_max": "lots"}, env={})
+
+
 def test_bad_environment_fails_with_the_variable_named() -> None:
     with pytest.raises(ConfigError, match="SWARM_STALL_TIMEOUT='soon'"):
         parse_options({}, env={"SWARM_STALL_TIMEOUT": "soon"})
