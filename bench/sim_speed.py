@@ -9,7 +9,9 @@ and prints the CPU seconds of each simulation (the record's `sim_cpu_s`), the ra
 and whether the two produced the same results (every field but `sim_cpu_s`): a speed-up of the
 simulator must not change what it predicts. `--compiled` adds both checkouts' runs with
 `python -m sim --compiled` (sim/compiled.py: mypyc builds the scheduler and the engine once, into a
-cache; the build is not timed), and compares compiled with compiled. `sim_cpu_s` is CPU time
+cache; the build is not timed), and compares compiled with compiled. `--paired` runs baseline and this
+(and the two compiled ones) at the same time, one per core: on a shared machine whose load changes
+from minute to minute, that is fairer than one after the other. `sim_cpu_s` is CPU time
 (`time.process_time` around the simulation), not wall time: the machine may be shared.
 """
 
@@ -25,18 +27,27 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(src: str, sim_args: list[str], timeout: float) -> list[dict[str, Any]]:
+def start(src: str, sim_args: list[str]) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
-    out = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "sim", "--strategy", "swarm", "--json", *sim_args],
         cwd=src,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=True,
     )
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def finish(p: subprocess.Popen[str], timeout: float) -> list[dict[str, Any]]:
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if p.returncode != 0:
+        raise SystemExit(f"python -m sim failed ({p.returncode}): {p.args}")
+    return json.loads(out)  # type: ignore[no-any-return]
 
 
 def _strip(rec: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", default="", help="write the records here")
-    ap.add_argument("--compiled", action="store_true", help="also run this checkout compiled (mypyc)")
+    ap.add_argument("--compiled", action="store_true", help="also run both checkouts compiled (mypyc)")
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="run each pair (baseline and this; compiled ones) at the same time, one process per core, so "
+        "that both see the same load of a shared machine (needs 2 cores)",
+    )
     args = ap.parse_args(argv)
     sim_args = ["--nodes", args.nodes, "--calibration", args.calibration]
     # (label, checkout, extra arguments, the label it is compared with)
@@ -72,14 +89,19 @@ def main(argv: list[str] | None = None) -> int:
             ("compiled", ROOT, ["--compiled"], "base-comp"),
         ]
     rows: list[dict[str, Any]] = []
+    groups = (
+        [variants[j : j + 2] for j in range(0, len(variants), 2)] if args.paired else [[v] for v in variants]
+    )
     for i in range(args.repeat):
-        for label, src, extra, _ in variants:
-            for rec in run(src, [*sim_args, *extra], args.timeout):
-                rows.append({"code": label, "round": i, **rec})
-                print(
-                    f"{label:<9} N={rec['nodes']:<6} cpu {rec['sim_cpu_s']:8.1f} s  ratio {rec['ratio']}",
-                    flush=True,
-                )
+        for group in groups:
+            procs = [(label, start(src, [*sim_args, *extra])) for label, src, extra, _ in group]
+            for label, p in procs:
+                for rec in finish(p, args.timeout):
+                    rows.append({"code": label, "round": i, **rec})
+                    print(
+                        f"{label:<9} N={rec['nodes']:<6} cpu {rec['sim_cpu_s']:8.1f} s  ratio {rec['ratio']}",
+                        flush=True,
+                    )
     same = True
     for n in sorted({r["nodes"] for r in rows}):
         first = [r for r in rows if r["nodes"] == n and r["code"] == "baseline"]
