@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import shutil
 import stat
@@ -53,7 +52,6 @@ from swarm.manifest import Manifest, SwarmKey
 if TYPE_CHECKING:
     from swarm.node import Node, NodeConfig
 
-log = logging.getLogger("vllm.swarm")
 
 FORMAT = "dircache-1"
 INDEX_BYTES = 4096
