@@ -92,6 +92,14 @@ class Pair:
             self.deliver(to, frame, now)
         raise AssertionError("the pair never went quiet")
 
+    def until_hello(self, to: S.Members) -> None:
+        """Deliver frames up to the first Hello for `to`, which is taken off the wire, not delivered."""
+        while self.wire:
+            side, frame = self.wire.popleft()
+            if side is to and _type_of(frame) == "hello":
+                return
+            self.deliver(side, frame)
+
     def of(self, side: S.Members, kind: type) -> list[S.Action]:
         return [a for a in self.events[id(side)] if isinstance(a, kind)]
 
@@ -305,11 +313,7 @@ def test_a_hello_under_another_id_is_refused() -> None:
     seed, leecher = member(seed=True), member()
     pair = Pair(seed, leecher)
     # Let the handshake finish, then replace the leecher's Hello by one that claims the seed's id.
-    while pair.wire:
-        to, frame = pair.wire.popleft()
-        if to is seed and _type_of(frame) == "hello":
-            break
-        pair.deliver(to, frame)
+    pair.until_hello(seed)
     lie = dataclasses.replace(leecher.hello(), peer_id="0123456789abcdef")
     pair.take(leecher, leecher.reply(pair.dial, lie))
     pair.run()
@@ -320,11 +324,7 @@ def test_a_hello_under_another_id_is_refused() -> None:
 def test_before_its_hello_a_link_gets_only_status_and_pings() -> None:
     seed, leecher = member(seed=True), member()
     pair = Pair(seed, leecher)
-    while pair.wire:
-        to, frame = pair.wire.popleft()
-        if to is seed and _type_of(frame) == "hello":
-            break
-        pair.deliver(to, frame)
+    pair.until_hello(seed)
     pair.wire.clear()  # the Hello never arrives
     for msg in (P.Request(0), P.StatusQuery(), P.Ping(), P.Goodbye("bye")):
         pair.deliver(seed, frame_of(leecher.reply(pair.dial, msg)))
