@@ -107,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--compiled",
         action="store_true",
-        help="compile the scheduler and the engine with mypyc first (same source, same results, ~3 x "
-        "faster; the build is cached; see sim/compiled.py)",
+        help="compile the scheduler and the engine with mypyc first (same source, same results, about "
+        "half the CPU time; the build is cached; see sim/compiled.py)",
     )
     args = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(args)

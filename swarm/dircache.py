@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from swarm.errors import FetchError, SwarmError
-from swarm.manifest import Manifest, SwarmKey
+from swarm.manifest import Manifest, SwarmKey, fitted_piece_size
 
 if TYPE_CHECKING:
     from swarm.node import Node, NodeConfig
@@ -264,21 +264,13 @@ def node_config(
 
 
 def archive_piece_size(size: int) -> int:
-    """1 MiB pieces, fewer for a small archive (at least 64 KiB): about 16 or more pieces to spread."""
-    piece = 1 << 20
-    while piece > 64 << 10 and size < 16 * piece:
-        piece //= 2
-    return piece
+    """1 MiB pieces, smaller for a small archive (at least 64 KiB): about 16 or more pieces to spread."""
+    return fitted_piece_size(size, 1 << 20)
 
 
-def _index(blob: bytes) -> bytes:
+def _index(size: int, sha256: str) -> bytes:
     text = json.dumps(
-        {
-            "format": FORMAT,
-            "size": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "piece_size": archive_piece_size(len(blob)),
-        }
+        {"format": FORMAT, "size": size, "sha256": sha256, "piece_size": archive_piece_size(size)}
     ).encode()
     return text.ljust(INDEX_BYTES, b" ")
 
@@ -320,8 +312,8 @@ def publish(name: str, extra: str, blob: bytes, config: NodeConfig) -> DirSeed:
     """Serve `blob` (an archive from `pack`) under `name` until the returned seed is closed."""
     from swarm.node import Node
 
-    index = _index(blob)
     sha = hashlib.sha256(blob).hexdigest()
+    index = _index(len(blob), sha)
     nodes: list[Node] = []
     try:
         for part, shift, data, piece in (
@@ -351,12 +343,12 @@ def fetch(
     nodes: list[Node] = []
     try:
         cfg = node_config(config, INDEX_PORT_SHIFT, name=name, piece_size=INDEX_BYTES, timeout_s=timeout_s)
-        index = _tensor(bytes(INDEX_BYTES))
+        index = torch.zeros(INDEX_BYTES, dtype=torch.uint8)
         nodes.append(Node(_key(name, "index", extra), {"data": index}, cfg, complete=False).start())
         nodes[0].fetch()
         size, sha, piece = _read_index(index.numpy().tobytes(), max_bytes)
         cfg = node_config(config, ARCHIVE_PORT_SHIFT, name=name, piece_size=piece, timeout_s=timeout_s)
-        archive = _tensor(bytes(size))
+        archive = torch.zeros(size, dtype=torch.uint8)
         manifest = Manifest.from_tensors({"data": archive}, piece)
         nodes.append(
             Node(

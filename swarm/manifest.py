@@ -52,6 +52,20 @@ import torch
 from swarm.errors import ManifestError, ManifestMismatchError
 
 DEFAULT_PIECE_SIZE = 64 * 1024 * 1024
+#: The smallest piece `fitted_piece_size` goes down to.
+MIN_FITTED_PIECE = 64 << 10
+
+
+def fitted_piece_size(total_bytes: int, largest: int) -> int:
+    """`largest`, halved while `total_bytes` would make fewer than ~16 pieces (so that even a small
+    object spreads over several peers), down to MIN_FITTED_PIECE. A function of the size alone, so every
+    member of a swarm computes the same value."""
+    size = largest
+    while size > MIN_FITTED_PIECE and total_bytes < 16 * size:
+        size //= 2
+    return size
+
+
 #: Manifests larger than this are refused on the wire; 1M pieces of 64 MiB is 64 TiB per rank.
 MAX_PIECES = 1 << 20
 MAX_TENSORS = 1 << 20

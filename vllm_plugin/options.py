@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarm import options as schema
 from swarm.errors import ConfigError
+from swarm.manifest import DEFAULT_PIECE_SIZE, fitted_piece_size
 
 if TYPE_CHECKING:
     from swarm.node import NodeConfig
@@ -117,7 +118,4 @@ def auto_piece_size(total_bytes: int) -> int:
     """The piece size used when none is given: 64 MiB, less for small models so that every rank has at
     least ~16 pieces to spread over its peers (a power of two, at least 64 KiB). A function of the
     manifest alone, so every instance of a swarm computes the same value."""
-    size = 64 << 20
-    while size > 64 << 10 and total_bytes < 16 * size:
-        size //= 2
-    return size
+    return fitted_piece_size(total_bytes, DEFAULT_PIECE_SIZE)
